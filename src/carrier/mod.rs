@@ -1,0 +1,1 @@
+//! The trunk server.
