@@ -4,6 +4,7 @@
 pub mod digest;
 pub mod message;
 pub mod resolve;
+pub mod syntax;
 pub mod transaction;
 pub mod transport;
 pub mod uri;
