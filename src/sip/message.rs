@@ -356,16 +356,13 @@ impl Via {
             .map(|v| v.and_then(|p| p.parse().ok()))
     }
 
-    /// Where a response to this Via is sent over an unreliable transport (RFC 3261 §18.2.2,
-    /// RFC 3581): `maddr` is not honoured (multicast is not served); the received address
-    /// and rport, else the sent-by.
-    pub fn response_host_port(&self) -> (Host, u16) {
+    /// Where a response to this Via is sent (RFC 3261 §18.2.2, RFC 3581) when the request's
+    /// connection is gone or the transport is UDP: the received address and rport, else the
+    /// sent-by; `default_port` is that of the transport the response will use. `maddr` is not
+    /// honoured: multicast is not served.
+    pub fn response_host_port(&self, default_port: u16) -> (Host, u16) {
         let host = self.received().map(Host::from).unwrap_or(self.host.clone());
-        let default = if self.transport.eq_ignore_ascii_case("TLS") {
-            5061
-        } else {
-            5060
-        };
+        let default = default_port;
         let port = match self.rport() {
             Some(Some(p)) => p,
             _ => self.port.unwrap_or(default),
@@ -1340,7 +1337,7 @@ Content-Length: 4\r\n\r\nv=0\n";
         );
         assert_eq!(again.top_via().rport(), Some(Some(40000)));
         assert_eq!(
-            again.top_via().response_host_port(),
+            again.top_via().response_host_port(5060),
             (Host::V4("192.0.2.7".parse().unwrap()), 40000)
         );
     }
