@@ -52,3 +52,570 @@ impl fmt::Display for Transport {
         f.write_str(self.as_str())
     }
 }
+
+// === Listening and sending ===
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::message::{Frame, MAX_MESSAGE, Message, ParseError, stream_frame};
+
+/// One address to listen on, written `udp:127.0.0.1:5060`, `tcp:[::1]:5060` or
+/// `tls:0.0.0.0:5061` in the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenSpec {
+    pub transport: Transport,
+    pub addr: SocketAddr,
+}
+
+impl FromStr for ListenSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (t, addr) = s.split_once(':').ok_or_else(|| {
+            format!("`{s}`: expected transport:address:port, e.g. udp:127.0.0.1:5060")
+        })?;
+        let transport =
+            Transport::from_token(t).ok_or_else(|| format!("`{s}`: unknown transport `{t}`"))?;
+        let addr = addr
+            .parse()
+            .map_err(|_| format!("`{s}`: `{addr}` is not an address:port"))?;
+        Ok(ListenSpec { transport, addr })
+    }
+}
+
+impl fmt::Display for ListenSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}",
+            self.transport.as_str().to_ascii_lowercase(),
+            self.addr
+        )
+    }
+}
+
+/// Identifies one TCP or TLS connection for as long as it lives.
+pub type ConnId = u64;
+
+/// The path a message came in on, and the way back (RFC 3261 §18.2.2: responses go back on
+/// the connection the request came in on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Flow {
+    pub transport: Transport,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// The connection, for TCP and TLS.
+    pub conn: Option<ConnId>,
+}
+
+/// A message that arrived, or a request that could not be parsed.
+#[derive(Debug)]
+pub struct Received {
+    pub message: Result<Message, ParseError>,
+    pub flow: Flow,
+}
+
+/// Why a message could not be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The destination is broadcast, multicast or unspecified: never sent to.
+    #[error("refusing to send to {0}")]
+    ForbiddenDestination(IpAddr),
+    /// No socket of that transport and address family is open.
+    #[error("no {0} socket for this address family")]
+    NoSocket(Transport),
+    /// The connection is gone and a new one cannot be opened (TLS client connections are not
+    /// opened by this element).
+    #[error("no connection to {0}")]
+    NoConnection(SocketAddr),
+    /// The operating system refused (for UDP this includes ICMP errors from earlier sends).
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// Settings of the transport layer.
+#[derive(Debug, Clone)]
+pub struct TransportOptions {
+    /// A TCP or TLS connection that carries nothing for this long is closed.
+    pub stream_idle_timeout: Duration,
+    /// How long an outgoing TCP connect may take.
+    pub connect_timeout: Duration,
+    /// Queue of received messages waiting for the core; UDP datagrams beyond it are dropped.
+    pub queue: usize,
+}
+
+impl Default for TransportOptions {
+    fn default() -> Self {
+        TransportOptions {
+            stream_idle_timeout: Duration::from_secs(900),
+            connect_timeout: Duration::from_secs(2),
+            queue: 8192,
+        }
+    }
+}
+
+/// Loads a TLS server configuration from PEM files (certificate chain and private key).
+pub fn tls_server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("tls_certificate {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "tls_certificate {}: no certificate",
+            cert.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("tls_private_key {}: {e}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("tls_private_key: {e}"))?;
+    Ok(Arc::new(config))
+}
+
+/// The SIP transport layer: UDP sockets, TCP and TLS listeners, and open connections.
+/// Cloning is cheap; all clones share the sockets.
+#[derive(Clone)]
+pub struct SipTransport {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    udp: Vec<Arc<UdpSocket>>,
+    bound: Vec<ListenSpec>,
+    conns: Mutex<Conns>,
+    next_conn: AtomicU64,
+    incoming: mpsc::Sender<Received>,
+    options: TransportOptions,
+}
+
+#[derive(Default)]
+struct Conns {
+    by_id: HashMap<ConnId, Conn>,
+    by_remote: HashMap<(Transport, SocketAddr), ConnId>,
+}
+
+struct Conn {
+    tx: mpsc::Sender<Bytes>,
+    flow: Flow,
+}
+
+impl SipTransport {
+    /// Binds every listen address and starts receiving. Port 0 binds a free port:
+    /// [`SipTransport::bound`] says which.
+    pub async fn bind(
+        specs: &[ListenSpec],
+        tls: Option<Arc<rustls::ServerConfig>>,
+        options: TransportOptions,
+    ) -> io::Result<(SipTransport, mpsc::Receiver<Received>)> {
+        let (tx, rx) = mpsc::channel(options.queue);
+        let mut udp = Vec::new();
+        let mut bound = Vec::new();
+        let mut tcp = Vec::new();
+        for spec in specs {
+            match spec.transport {
+                Transport::Udp => {
+                    let sock = UdpSocket::bind(spec.addr)
+                        .await
+                        .map_err(|e| with_addr(e, spec))?;
+                    let addr = sock.local_addr()?;
+                    bound.push(ListenSpec {
+                        transport: Transport::Udp,
+                        addr,
+                    });
+                    udp.push(Arc::new(sock));
+                }
+                Transport::Tcp | Transport::Tls => {
+                    if spec.transport == Transport::Tls && tls.is_none() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            format!(
+                                "{spec}: a TLS listener needs tls_certificate and tls_private_key"
+                            ),
+                        ));
+                    }
+                    let l = TcpListener::bind(spec.addr)
+                        .await
+                        .map_err(|e| with_addr(e, spec))?;
+                    let addr = l.local_addr()?;
+                    bound.push(ListenSpec {
+                        transport: spec.transport,
+                        addr,
+                    });
+                    tcp.push((spec.transport, l));
+                }
+            }
+        }
+        let inner = Arc::new(Inner {
+            udp,
+            bound,
+            conns: Mutex::new(Conns::default()),
+            next_conn: AtomicU64::new(1),
+            incoming: tx,
+            options,
+        });
+        let transport = SipTransport { inner };
+        for sock in &transport.inner.udp {
+            tokio::spawn(udp_loop(transport.clone(), sock.clone()));
+        }
+        for (kind, listener) in tcp {
+            let acceptor = match kind {
+                Transport::Tls => tls.clone().map(tokio_rustls::TlsAcceptor::from),
+                _ => None,
+            };
+            tokio::spawn(accept_loop(transport.clone(), listener, kind, acceptor));
+        }
+        Ok((transport, rx))
+    }
+
+    /// What was bound, with the real ports.
+    pub fn bound(&self) -> &[ListenSpec] {
+        &self.inner.bound
+    }
+
+    /// The number of open TCP and TLS connections.
+    pub fn connection_count(&self) -> usize {
+        self.lock().by_id.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Conns> {
+        // A panic while holding this lock cannot leave the maps inconsistent: every critical
+        // section is a single insert or remove.
+        self.inner.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends `bytes` along `flow`: over UDP from the local socket named in the flow, over the
+    /// flow's connection for streams, else over any open connection to the remote, else (TCP) a
+    /// new connection.
+    pub async fn send(&self, flow: &Flow, bytes: Bytes) -> Result<(), SendError> {
+        let ip = flow.remote.ip();
+        if ip.is_unspecified() || ip.is_multicast() || is_broadcast(ip) {
+            return Err(SendError::ForbiddenDestination(ip));
+        }
+        match flow.transport {
+            Transport::Udp => {
+                let sock = self.udp_socket(flow)?;
+                sock.send_to(&bytes, flow.remote).await?;
+                Ok(())
+            }
+            Transport::Tcp | Transport::Tls => {
+                let tx = {
+                    let conns = self.lock();
+                    let id = flow
+                        .conn
+                        .filter(|id| conns.by_id.contains_key(id))
+                        .or_else(|| conns.by_remote.get(&(flow.transport, flow.remote)).copied());
+                    id.and_then(|id| conns.by_id.get(&id)).map(|c| c.tx.clone())
+                };
+                let tx = match tx {
+                    Some(tx) => tx,
+                    None if flow.transport == Transport::Tcp => self.connect(flow).await?,
+                    None => return Err(SendError::NoConnection(flow.remote)),
+                };
+                tx.send(bytes)
+                    .await
+                    .map_err(|_| SendError::NoConnection(flow.remote))
+            }
+        }
+    }
+
+    /// Sends without waiting, keeping the order of messages on each connection: the service
+    /// loop calls this. Only a send that must first open a TCP connection, or that meets a
+    /// full queue, continues in a task of its own.
+    pub fn send_nowait(&self, flow: Flow, bytes: Bytes) -> Result<(), SendError> {
+        let ip = flow.remote.ip();
+        if ip.is_unspecified() || ip.is_multicast() || is_broadcast(ip) {
+            return Err(SendError::ForbiddenDestination(ip));
+        }
+        let pending = match flow.transport {
+            Transport::Udp => {
+                let sock = self.udp_socket(&flow)?;
+                match sock.try_send_to(&bytes, flow.remote) {
+                    Ok(_) => return Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => bytes,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Transport::Tcp | Transport::Tls => {
+                let tx = {
+                    let conns = self.lock();
+                    let id = flow
+                        .conn
+                        .filter(|id| conns.by_id.contains_key(id))
+                        .or_else(|| conns.by_remote.get(&(flow.transport, flow.remote)).copied());
+                    id.and_then(|id| conns.by_id.get(&id)).map(|c| c.tx.clone())
+                };
+                match tx {
+                    Some(tx) => match tx.try_send(bytes) {
+                        Ok(()) => return Ok(()),
+                        Err(mpsc::error::TrySendError::Full(b)) => b,
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            return Err(SendError::NoConnection(flow.remote));
+                        }
+                    },
+                    None if flow.transport == Transport::Tcp => bytes,
+                    None => return Err(SendError::NoConnection(flow.remote)),
+                }
+            }
+        };
+        let transport = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = transport.send(&flow, pending).await {
+                debug!(remote = %flow.remote, error = %e, "send failed");
+            }
+        });
+        Ok(())
+    }
+
+    fn udp_socket(&self, flow: &Flow) -> Result<&Arc<UdpSocket>, SendError> {
+        let socks = &self.inner.udp;
+        socks
+            .iter()
+            .find(|s| s.local_addr().is_ok_and(|a| a == flow.local))
+            .or_else(|| {
+                socks.iter().find(|s| {
+                    s.local_addr()
+                        .is_ok_and(|a| a.is_ipv4() == flow.remote.is_ipv4())
+                })
+            })
+            .ok_or(SendError::NoSocket(Transport::Udp))
+    }
+
+    async fn connect(&self, flow: &Flow) -> Result<mpsc::Sender<Bytes>, SendError> {
+        let stream = tokio::time::timeout(
+            self.inner.options.connect_timeout,
+            TcpStream::connect(flow.remote),
+        )
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        let local = stream.local_addr()?;
+        Ok(self.register(stream, Transport::Tcp, local, flow.remote))
+    }
+
+    /// Starts the reader and writer of a new connection and returns its send queue.
+    fn register<S>(
+        &self,
+        stream: S,
+        transport: Transport,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> mpsc::Sender<Bytes>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let id = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
+        let flow = Flow {
+            transport,
+            local,
+            remote,
+            conn: Some(id),
+        };
+        let (tx, rx) = mpsc::channel(256);
+        {
+            let mut conns = self.lock();
+            conns.by_id.insert(
+                id,
+                Conn {
+                    tx: tx.clone(),
+                    flow,
+                },
+            );
+            conns.by_remote.insert((transport, remote), id);
+        }
+        let (rd, wr) = tokio::io::split(stream);
+        tokio::spawn(write_loop(wr, rx));
+        tokio::spawn(read_loop(self.clone(), rd, flow));
+        tx
+    }
+
+    fn forget(&self, flow: &Flow) {
+        let mut conns = self.lock();
+        if let Some(id) = flow.conn {
+            conns.by_id.remove(&id);
+            if conns.by_remote.get(&(flow.transport, flow.remote)) == Some(&id) {
+                conns.by_remote.remove(&(flow.transport, flow.remote));
+                // Another connection to the same remote may still be open: point to it.
+                if let Some(other) = conns
+                    .by_id
+                    .values()
+                    .find(|c| c.flow.transport == flow.transport && c.flow.remote == flow.remote)
+                    .and_then(|c| c.flow.conn)
+                {
+                    conns.by_remote.insert((flow.transport, flow.remote), other);
+                }
+            }
+        }
+    }
+}
+
+fn with_addr(e: io::Error, spec: &ListenSpec) -> io::Error {
+    io::Error::new(e.kind(), format!("cannot listen on {spec}: {e}"))
+}
+
+fn is_broadcast(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
+}
+
+async fn udp_loop(transport: SipTransport, sock: Arc<UdpSocket>) {
+    let Ok(local) = sock.local_addr() else { return };
+    let mut buf = vec![0u8; 65_535];
+    loop {
+        let (n, remote) = match sock.recv_from(&mut buf).await {
+            Ok(v) => v,
+            // ICMP errors for earlier sends surface here on Linux; they are not fatal.
+            Err(e) => {
+                debug!(%local, error = %e, "UDP receive error");
+                continue;
+            }
+        };
+        let data = &buf[..n];
+        if data.iter().all(|&b| matches!(b, b'\r' | b'\n')) {
+            continue; // CRLF keep-alive
+        }
+        let flow = Flow {
+            transport: Transport::Udp,
+            local,
+            remote,
+            conn: None,
+        };
+        let message = Message::parse(Bytes::copy_from_slice(data));
+        // Under overload, dropping datagrams is right: senders retransmit.
+        if let Err(mpsc::error::TrySendError::Full(_)) = transport
+            .inner
+            .incoming
+            .try_send(Received { message, flow })
+        {
+            debug!(%remote, "receive queue full: datagram dropped");
+        }
+    }
+}
+
+async fn accept_loop(
+    transport: SipTransport,
+    listener: TcpListener,
+    kind: Transport,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    loop {
+        let (stream, remote) = match listener.accept().await {
+            Ok(v) => v,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let Ok(local) = stream.local_addr() else {
+            continue;
+        };
+        match &tls {
+            None => {
+                transport.register(stream, kind, local, remote);
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                let transport = transport.clone();
+                let handshake_timeout = transport.inner.options.connect_timeout * 5;
+                tokio::spawn(async move {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            transport.register(tls, Transport::Tls, local, remote);
+                        }
+                        Ok(Err(e)) => debug!(%remote, error = %e, "TLS handshake failed"),
+                        Err(_) => debug!(%remote, "TLS handshake timed out"),
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Bytes>) {
+    while let Some(bytes) = rx.recv().await {
+        if wr.write_all(&bytes).await.is_err() {
+            break;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+/// Reads a stream, cutting it into messages by Content-Length (STYLE.md: mini-redis framing).
+/// Anything that cannot be framed or parsed closes this connection and no other.
+async fn read_loop<R: AsyncRead + Unpin>(transport: SipTransport, mut rd: R, flow: Flow) {
+    let mut buf = BytesMut::with_capacity(8192);
+    let idle = transport.inner.options.stream_idle_timeout;
+    let why = 'conn: loop {
+        loop {
+            match stream_frame(&buf) {
+                Ok(Frame::Incomplete) => break,
+                Ok(Frame::KeepAlive { len, ping }) => {
+                    let _ = buf.split_to(len);
+                    if ping {
+                        // RFC 5626 §3.5.1: a double CRLF ping gets a single CRLF pong.
+                        let _ = transport.send(&flow, Bytes::from_static(b"\r\n")).await;
+                    }
+                }
+                Ok(Frame::Message { len }) => {
+                    let frame = buf.split_to(len).freeze();
+                    let message = Message::parse(frame);
+                    if let Err(e) = &message
+                        && e.request.is_none()
+                    {
+                        break 'conn format!("unparseable message: {}", e.reason);
+                    }
+                    if transport
+                        .inner
+                        .incoming
+                        .send(Received { message, flow })
+                        .await
+                        .is_err()
+                    {
+                        break 'conn "shutting down".to_string();
+                    }
+                }
+                Err(reason) => break 'conn format!("cannot frame: {reason}"),
+            }
+        }
+        if buf.len() > MAX_MESSAGE {
+            break 'conn "message too large".to_string();
+        }
+        buf.reserve(4096);
+        match tokio::time::timeout(idle, rd.read_buf(&mut buf)).await {
+            Ok(Ok(0)) => break 'conn "closed by peer".to_string(),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => break 'conn format!("read error: {e}"),
+            Err(_) => break 'conn "idle".to_string(),
+        }
+    };
+    debug!(remote = %flow.remote, transport = %flow.transport, reason = %why, "connection closed");
+    transport.forget(&flow);
+}
+
+/// Logs what was bound, one line per address, in a fixed format tests and operators can read:
+/// `listening transport=udp addr=127.0.0.1:5060`.
+pub fn log_bound(bound: &[ListenSpec]) {
+    for b in bound {
+        info!(transport = %b.transport.as_str().to_ascii_lowercase(), addr = %b.addr, "listening");
+    }
+}

@@ -1,0 +1,229 @@
+//! The carrier's configuration: the `[carrier]` table of its TOML file.
+//!
+//! Reading the file is kept apart from parsing the text, so tests parse strings. Every key has
+//! a named default and is documented in `config.example.toml`; a misspelt key is an error that
+//! names it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::sip::transaction::TimerConfig;
+use crate::sip::transport::{ListenSpec, TransportOptions};
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, a key is unknown or a value has the wrong type; the message
+    /// names the key and the line.
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A value is out of range or inconsistent with another.
+    #[error("{path}: carrier.{key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+}
+
+/// The whole file: each program reads its own table; the agent's is not the carrier's concern.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    carrier: Option<CarrierConfig>,
+    #[serde(rename = "agent")]
+    _agent: Option<toml::Table>,
+}
+
+/// The `[carrier]` table.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CarrierConfig {
+    /// This trunk server's name, as its peers and the logs know it.
+    pub name: String,
+    /// SIP listen addresses: `udp:ADDR:PORT`, `tcp:ADDR:PORT`, `tls:ADDR:PORT`.
+    pub sip_listen: Vec<String>,
+    /// PEM certificate chain for TLS listeners.
+    pub tls_certificate: Option<PathBuf>,
+    /// PEM private key for TLS listeners.
+    pub tls_private_key: Option<PathBuf>,
+    /// Where this server keeps its state (bindings, the embedded store).
+    pub data_dir: PathBuf,
+    /// Log filter (`info`, `debug`, `lifeline=debug,info`); `RUST_LOG` wins when set.
+    pub log_level: String,
+    /// RFC 3261 T1: round-trip estimate, first retransmission interval.
+    pub t1_ms: u64,
+    /// RFC 3261 T2: the longest retransmission interval.
+    pub t2_ms: u64,
+    /// RFC 3261 T4: how long a message may stay in the network.
+    pub t4_ms: u64,
+    /// RFC 3261 Timer D: how long an INVITE client transaction absorbs final-response
+    /// retransmissions over UDP.
+    pub timer_d_ms: u64,
+    /// A TCP or TLS connection idle this long is closed.
+    pub stream_idle_timeout_ms: u64,
+}
+
+impl Default for CarrierConfig {
+    fn default() -> Self {
+        CarrierConfig {
+            name: "trunk1".into(),
+            sip_listen: vec!["udp:127.0.0.1:5060".into(), "tcp:127.0.0.1:5060".into()],
+            tls_certificate: None,
+            tls_private_key: None,
+            data_dir: PathBuf::from("./lifeline-data"),
+            log_level: "info".into(),
+            t1_ms: 500,
+            t2_ms: 4000,
+            t4_ms: 5000,
+            timer_d_ms: 32_000,
+            stream_idle_timeout_ms: 900_000,
+        }
+    }
+}
+
+/// A checked configuration, ready to run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub raw: CarrierConfig,
+    pub listen: Vec<ListenSpec>,
+    pub timers: TimerConfig,
+    pub transport: TransportOptions,
+}
+
+impl CarrierConfig {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and checks configuration text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Settings, ConfigError> {
+        let file: File = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        file.carrier.unwrap_or_default().check(path)
+    }
+
+    /// Checks values and derives the typed settings.
+    pub fn check(self, path: &Path) -> Result<Settings, ConfigError> {
+        let invalid = |key, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            message,
+        };
+        if self.name.trim().is_empty() {
+            return Err(invalid("name", "must not be empty".into()));
+        }
+        if self.sip_listen.is_empty() {
+            return Err(invalid("sip_listen", "needs at least one address".into()));
+        }
+        let listen = self
+            .sip_listen
+            .iter()
+            .map(|s| s.parse::<ListenSpec>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid("sip_listen", e))?;
+        let has_tls = listen
+            .iter()
+            .any(|l| l.transport == crate::sip::transport::Transport::Tls);
+        if has_tls && (self.tls_certificate.is_none() || self.tls_private_key.is_none()) {
+            return Err(invalid(
+                "tls_certificate",
+                "a tls: listener needs tls_certificate and tls_private_key".into(),
+            ));
+        }
+        for (key, v) in [
+            ("t1_ms", self.t1_ms),
+            ("t2_ms", self.t2_ms),
+            ("t4_ms", self.t4_ms),
+            ("stream_idle_timeout_ms", self.stream_idle_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be greater than 0".into()));
+            }
+        }
+        if self.t2_ms < self.t1_ms {
+            return Err(invalid("t2_ms", "must not be less than t1_ms".into()));
+        }
+        let timers = TimerConfig {
+            t1: Duration::from_millis(self.t1_ms),
+            t2: Duration::from_millis(self.t2_ms),
+            t4: Duration::from_millis(self.t4_ms),
+            timer_d: Duration::from_millis(self.timer_d_ms),
+        };
+        let transport = TransportOptions {
+            stream_idle_timeout: Duration::from_millis(self.stream_idle_timeout_ms),
+            ..TransportOptions::default()
+        };
+        Ok(Settings {
+            raw: self,
+            listen,
+            timers,
+            transport,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Settings, ConfigError> {
+        CarrierConfig::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn the_shipped_example_parses_and_states_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+        let s = CarrierConfig::load(&path).unwrap();
+        // The example documents every key with its default value.
+        assert_eq!(s.raw, CarrierConfig::default());
+    }
+
+    #[test]
+    fn a_misspelt_key_is_refused_by_name() {
+        let e = parse("[carrier]\nt1_msec = 10\n").unwrap_err().to_string();
+        assert!(e.contains("t1_msec"), "{e}");
+        let e = parse("[carier]\n").unwrap_err().to_string();
+        assert!(e.contains("carier"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = parse("[carrier]\nsip_listen = [\"sctp:1.2.3.4:5060\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sip_listen") && e.contains("sctp"), "{e}");
+        let e = parse("[carrier]\nt1_ms = 0\n").unwrap_err().to_string();
+        assert!(e.contains("t1_ms"), "{e}");
+        let e = parse("[carrier]\nsip_listen = [\"tls:127.0.0.1:5061\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tls_certificate"), "{e}");
+        let e = parse("[carrier]\nt1_ms = \"fast\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("t1_ms"), "{e}");
+    }
+
+    #[test]
+    fn empty_file_is_the_loopback_default() {
+        let s = parse("").unwrap();
+        assert_eq!(s.listen.len(), 2);
+        assert_eq!(s.timers.t1, Duration::from_millis(500));
+    }
+}

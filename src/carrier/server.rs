@@ -1,0 +1,327 @@
+//! The carrier's SIP service: receives from the transports, runs server transactions, and
+//! answers what the SIP core answers itself (RFC 3261 §8.2 and §16.3 checks, OPTIONS to the
+//! server). Requests for a user part are routed; until the location service exists, no user is
+//! found (404).
+//!
+//! One task owns the transaction table (a pure state machine): it is fed received messages and
+//! timeouts, and what it wants sent is handed to the transports.
+
+use std::fs;
+use std::io;
+use std::net::IpAddr;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use super::config::Settings;
+use crate::sip::message::{Header, HeaderName, Message, Method, ParseError};
+use crate::sip::transaction::{RequestDisposition, Transactions};
+use crate::sip::transport::{
+    Flow, ListenSpec, Received, SipTransport, Transport, log_bound, tls_server_config,
+};
+use crate::sip::uri::Uri;
+
+/// Methods this element handles or passes on, for Allow.
+pub const ALLOW: &str = "INVITE, ACK, BYE, CANCEL, OPTIONS, REGISTER, PRACK, UPDATE, INFO";
+
+/// What the Server header says.
+pub const SERVER: &str = concat!("Lifeline/", env!("CARGO_PKG_VERSION"));
+
+/// A running carrier; dropping it does not stop it, [`RunningCarrier::stop`] does.
+pub struct RunningCarrier {
+    bound: Vec<ListenSpec>,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl RunningCarrier {
+    /// The addresses bound, with real ports.
+    pub fn bound(&self) -> &[ListenSpec] {
+        &self.bound
+    }
+
+    /// Stops receiving and waits for the service task to end.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The state folder could not be created.
+    #[error("data_dir {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: io::Error,
+    },
+    /// TLS certificate or key unusable.
+    #[error("{0}")]
+    Tls(String),
+    /// A listen address could not be bound.
+    #[error("{0}")]
+    Bind(io::Error),
+}
+
+/// Creates the state folder, binds the listeners and starts the service.
+pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
+    let dir = &settings.raw.data_dir;
+    fs::create_dir_all(dir).map_err(|source| StartError::DataDir {
+        path: dir.clone(),
+        source,
+    })?;
+    let tls = match (&settings.raw.tls_certificate, &settings.raw.tls_private_key) {
+        (Some(c), Some(k)) => Some(tls_server_config(c, k).map_err(StartError::Tls)?),
+        _ => None,
+    };
+    let (transport, incoming) =
+        SipTransport::bind(&settings.listen, tls, settings.transport.clone())
+            .await
+            .map_err(StartError::Bind)?;
+    let bound = transport.bound().to_vec();
+    log_bound(&bound);
+    info!(name = %settings.raw.name, data_dir = %dir.display(), "carrier started");
+    let service = Service::new(&settings, transport);
+    let (stop, stopped) = oneshot::channel();
+    let task = tokio::spawn(service.run(incoming, stopped));
+    Ok(RunningCarrier { bound, stop, task })
+}
+
+struct Service {
+    transport: SipTransport,
+    transactions: Transactions<Flow>,
+}
+
+impl Service {
+    fn new(settings: &Settings, transport: SipTransport) -> Service {
+        Service {
+            transport,
+            transactions: Transactions::new(settings.timers.clone()),
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut incoming: mpsc::Receiver<Received>,
+        mut stop: oneshot::Receiver<()>,
+    ) {
+        loop {
+            let deadline = self.transactions.poll_timeout();
+            tokio::select! {
+                _ = &mut stop => break,
+                received = incoming.recv() => match received {
+                    Some(r) => self.on_received(r),
+                    None => break,
+                },
+                _ = sleep_until(deadline) => self.transactions.handle_timeout(Instant::now()),
+            }
+            self.flush();
+        }
+    }
+
+    /// Hands everything the transactions want sent to the transports.
+    fn flush(&mut self) {
+        while let Some((flow, bytes)) = self.transactions.poll_transmit() {
+            self.send(flow, bytes);
+        }
+        while self.transactions.poll_event().is_some() {}
+    }
+
+    fn send(&self, flow: Flow, bytes: Bytes) {
+        if let Err(e) = self.transport.send_nowait(flow, bytes) {
+            debug!(remote = %flow.remote, error = %e, "send failed");
+        }
+    }
+
+    fn on_received(&mut self, received: Received) {
+        let flow = received.flow;
+        match received.message {
+            Ok(msg) if msg.is_request() => self.on_request(msg, flow),
+            Ok(msg) => {
+                if self
+                    .transactions
+                    .handle_response(Instant::now(), &msg)
+                    .is_none()
+                {
+                    // RFC 3261 §18.1.2: a response matching no transaction is dropped.
+                    debug!(call_id = %msg.call_id(), status = ?msg.status(), "stray response dropped");
+                }
+            }
+            Err(e) => self.on_unparseable(e, flow),
+        }
+    }
+
+    /// A request that could not be parsed gets its 400 (or 505, 501) statelessly when it can
+    /// be answered; anything else is dropped. Logged at debug: malformed traffic is routine.
+    fn on_unparseable(&mut self, e: ParseError, flow: Flow) {
+        let Some(req) = e.request else {
+            debug!(remote = %flow.remote, reason = e.reason, "unparseable message dropped");
+            return;
+        };
+        debug!(remote = %flow.remote, reason = e.reason, status = e.status, "malformed request");
+        if &req.method[..] == "ACK" {
+            return;
+        }
+        let reason = match e.status {
+            505 => "Version Not Supported",
+            501 => "Not Implemented",
+            _ => e.reason,
+        };
+        let bytes = req.error_response(e.status, reason, &new_tag());
+        let to = match (flow.transport, req.top_via()) {
+            (Transport::Udp, Some(mut via)) => {
+                via.params
+                    .set("received", Some(&flow.remote.ip().to_string()));
+                if via.rport().is_some() {
+                    via.params
+                        .set("rport", Some(&flow.remote.port().to_string()));
+                }
+                response_flow(&via, flow)
+            }
+            _ => flow,
+        };
+        self.send(to, bytes);
+    }
+
+    fn on_request(&mut self, mut msg: Message, flow: Flow) {
+        msg.set_received(flow.remote.ip(), flow.remote.port());
+        let now = Instant::now();
+        let reliable = flow.transport.is_stream();
+        let dest = response_flow(msg.top_via(), flow);
+        let id = match self.transactions.handle_request(now, &msg, dest, reliable) {
+            RequestDisposition::New(id) => id,
+            // Retransmissions and ACKs for our own non-2xx answers end in the transaction layer.
+            RequestDisposition::Absorbed => return,
+            RequestDisposition::Ack => {
+                debug!(call_id = %msg.call_id(), "ACK outside any transaction dropped");
+                return;
+            }
+        };
+        let answer = self.answer(&msg);
+        if let Err(e) = self.transactions.respond(id, now, answer) {
+            debug!(call_id = %msg.call_id(), error = %e, "answer not sent");
+        }
+    }
+
+    /// The SIP core's own answer to a new request.
+    fn answer(&mut self, req: &Message) -> Message {
+        let reply = |code: u16, reason: &str| {
+            let mut r = req.response(code, reason, Some(&new_tag()));
+            r.push_header(Header::new(HeaderName::Server, SERVER));
+            r
+        };
+        let uri = req.uri().expect("requests have a Request-URI");
+        // RFC 3261 §8.2.2.1 / §16.3 step 1: only URIs this element can route.
+        // A URI without a user part addresses the server itself: it never relays to other
+        // hosts, only delivers users (DIDs).
+        let local = match uri {
+            Uri::Sip(u) => u.user.is_none(),
+            Uri::Tel(_) => false,
+            Uri::Other { .. } => return reply(416, "Unsupported URI Scheme"),
+        };
+        if *req.method() == Method::Cancel {
+            return match self.transactions.find_invite_for_cancel(req) {
+                Some(invite) => {
+                    if let Some(invite_req) = self.transactions.server_request(invite) {
+                        let terminated =
+                            invite_req.response(487, "Request Terminated", Some(&new_tag()));
+                        // Already answered finally: the CANCEL still gets its 200 (§9.2).
+                        let _ = self
+                            .transactions
+                            .respond(invite, Instant::now(), terminated);
+                    }
+                    reply(200, "OK")
+                }
+                None => reply(481, "Call/Transaction Does Not Exist"),
+            };
+        }
+        if local {
+            self.answer_local(req, reply)
+        } else {
+            self.answer_routed(req, reply)
+        }
+    }
+
+    /// The request is for this server itself (the UAS role).
+    fn answer_local(&self, req: &Message, reply: impl Fn(u16, &str) -> Message) -> Message {
+        let require = req.header_tokens(&HeaderName::Require);
+        if !require.is_empty() {
+            let mut r = reply(420, "Bad Extension");
+            r.push_header(Header::new(HeaderName::Unsupported, require.join(", ")));
+            return r;
+        }
+        match req.method() {
+            Method::Options => {
+                let mut r = reply(200, "OK");
+                r.push_header(Header::new(HeaderName::Allow, ALLOW));
+                r.push_header(Header::new(HeaderName::Supported, ""));
+                r.push_header(Header::new(
+                    HeaderName::Other("Accept".into()),
+                    "application/sdp",
+                ));
+                r
+            }
+            Method::Other(_) => {
+                let mut r = reply(501, "Not Implemented");
+                r.push_header(Header::new(HeaderName::Allow, ALLOW));
+                r
+            }
+            Method::Bye | Method::Prack | Method::Update | Method::Info => {
+                reply(481, "Call/Transaction Does Not Exist")
+            }
+            _ => {
+                let mut r = reply(405, "Method Not Allowed");
+                r.push_header(Header::new(HeaderName::Allow, ALLOW));
+                r
+            }
+        }
+    }
+
+    /// The request is for a user: the proxy role (RFC 3261 §16.3).
+    fn answer_routed(&self, req: &Message, reply: impl Fn(u16, &str) -> Message) -> Message {
+        if req.max_forwards() == Some(0) {
+            return reply(483, "Too Many Hops");
+        }
+        let proxy_require = req.header_tokens(&HeaderName::ProxyRequire);
+        if !proxy_require.is_empty() {
+            let mut r = reply(420, "Bad Extension");
+            r.push_header(Header::new(
+                HeaderName::Unsupported,
+                proxy_require.join(", "),
+            ));
+            return r;
+        }
+        // No location service yet: nobody is registered here.
+        reply(404, "Not Found")
+    }
+}
+
+/// Where responses to a request go: back on its connection for streams; over UDP to the
+/// received address and the rport or sent-by port (RFC 3261 §18.2.2, RFC 3581).
+fn response_flow(via: &crate::sip::message::Via, flow: Flow) -> Flow {
+    if flow.transport.is_stream() {
+        return flow;
+    }
+    let (host, port) = via.response_host_port(flow.transport.default_port());
+    let ip: IpAddr = host.ip().unwrap_or(flow.remote.ip());
+    Flow {
+        remote: (ip, port).into(),
+        ..flow
+    }
+}
+
+/// A fresh random tag for To headers.
+pub fn new_tag() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,177 @@
+//! Helpers shared by the integration tests: running the real `lifeline-carrier` binary, and
+//! moving a test into a private network namespace.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+/// A running `lifeline-carrier` process, killed on drop.
+pub struct Carrier {
+    pub child: Child,
+    /// `(transport, address)` as the carrier logged them.
+    pub bound: Vec<(String, SocketAddr)>,
+    /// Everything it has logged so far.
+    pub log: Arc<Mutex<String>>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Carrier {
+    /// The bound address of `transport` (`udp`, `tcp`, `tls`).
+    pub fn addr(&self, transport: &str) -> SocketAddr {
+        self.bound
+            .iter()
+            .find(|(t, _)| t == transport)
+            .map(|(_, a)| *a)
+            .unwrap_or_else(|| panic!("no {transport} listener in {:?}", self.bound))
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Carrier {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn carrier_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_lifeline-carrier"))
+}
+
+/// Starts the carrier with `config` (the text of a TOML file) and waits until it has logged
+/// `listeners` bound addresses.
+pub fn start_carrier(config: &str, listeners: usize) -> Carrier {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("carrier.toml");
+    std::fs::write(&path, config).unwrap();
+    let data = dir.path().join("data");
+    let mut cmd = Command::new(carrier_bin());
+    cmd.arg("--config").arg(&path).arg("--data-dir").arg(&data);
+    spawn(cmd, listeners, dir)
+}
+
+/// Starts the carrier as `cmd` says and waits for `listeners` "listening" lines.
+pub fn spawn(mut cmd: Command, listeners: usize, dir: tempfile::TempDir) -> Carrier {
+    cmd.env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("start lifeline-carrier");
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = mpsc::channel();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(b) = parse_listening(&line) {
+                let _ = tx.send(b);
+            }
+            let mut l = sink.lock().unwrap();
+            l.push_str(&line);
+            l.push('\n');
+        }
+    });
+    let mut bound = Vec::new();
+    while bound.len() < listeners {
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(b) => bound.push(b),
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "carrier did not report {listeners} listeners; log:\n{}",
+                    log.lock().unwrap()
+                );
+            }
+        }
+    }
+    Carrier {
+        child,
+        bound,
+        log,
+        dir,
+    }
+}
+
+/// Reads `… listening transport=udp addr=127.0.0.1:5060`.
+fn parse_listening(line: &str) -> Option<(String, SocketAddr)> {
+    let rest = &line[line.find("listening transport=")? + "listening transport=".len()..];
+    let (transport, rest) = rest.split_once(' ')?;
+    let addr = rest.strip_prefix("addr=")?.split_whitespace().next()?;
+    Some((transport.to_string(), addr.parse().ok()?))
+}
+
+/// Runs the calling test again inside a new network namespace with only loopback up, so that
+/// nothing it sends can leave the machine. Returns true when already inside (go on with the
+/// test), false after the child run passed (the outer run has nothing more to do).
+pub fn in_private_netns(test_name: &str) -> bool {
+    if std::env::var_os("LIFELINE_IN_NETNS").is_some() {
+        let st = Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .expect("run `ip` (Debian package iproute2)");
+        assert!(st.success(), "ip link set lo up failed");
+        return true;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new("unshare")
+        .arg("-n")
+        .arg("--")
+        .arg(&exe)
+        .args(["--exact", test_name, "--nocapture", "--test-threads=1"])
+        .env("LIFELINE_IN_NETNS", "1")
+        .output()
+        .expect("run `unshare -n` (util-linux; needs root or user namespaces)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "test failed inside the namespace:\n{text}"
+    );
+    assert!(
+        text.contains("1 passed"),
+        "the namespaced run did not run the test:\n{text}"
+    );
+    false
+}
+
+/// Reads a corpus file of RFC 4475.
+pub fn rfc4475(name: &str) -> Vec<u8> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/testdata/rfc4475")
+        .join(format!("{name}.dat"));
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// The status code of a response, read without the project's parser.
+pub fn status_of(response: &[u8]) -> Option<u16> {
+    let text = std::str::from_utf8(response).ok()?;
+    let line = text.lines().next()?;
+    let mut parts = line.split(' ');
+    if parts.next()? != "SIP/2.0" {
+        return None;
+    }
+    parts.next()?.parse().ok()
+}
+
+/// The value of the first header called `name` (case-insensitive, no compact forms).
+pub fn header_of<'a>(response: &'a str, name: &str) -> Option<&'a str> {
+    response.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
