@@ -515,7 +515,7 @@ pub struct Message {
 }
 
 impl Message {
-    /// Parses one whole message: a UDP datagram, or a frame cut by [`stream_frame_len`].
+    /// Parses one whole message: a UDP datagram, or a frame cut by [`stream_frame`].
     /// Octets after the body that Content-Length announces are ignored (RFC 4475 §3.1.1.8);
     /// without Content-Length the body is the rest of the datagram.
     pub fn parse(buf: Bytes) -> Result<Message, ParseError> {

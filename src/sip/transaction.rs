@@ -15,20 +15,20 @@
 //!
 //! Timers (64·T1 is [`TimerConfig::timeout`]; "reliable" means TCP or TLS):
 //!
-//! | Timer | What it does                                      | Value                          |
-//! |-------|---------------------------------------------------|--------------------------------|
-//! | A     | INVITE retransmission (unreliable only)           | T1, doubling, capped at T2     |
-//! | B     | INVITE client gives up in Calling                 | 64·T1                          |
-//! | D     | INVITE client absorbs final retransmissions       | `timer_d`; 0 when reliable     |
-//! | E     | non-INVITE retransmission (unreliable only)       | T1 doubling to T2; T2 once a 1xx came |
-//! | F     | non-INVITE client gives up                        | 64·T1                          |
-//! | G     | INVITE server final retransmission (unreliable)   | T1, doubling, capped at T2     |
-//! | H     | INVITE server gives up waiting for the ACK        | 64·T1                          |
-//! | I     | INVITE server absorbs ACK retransmissions         | T4; 0 when reliable            |
-//! | J     | non-INVITE server absorbs request retransmissions | 64·T1; 0 when reliable         |
-//! | K     | non-INVITE client absorbs response retransmissions| T4; 0 when reliable            |
-//! | L     | INVITE server in Accepted (RFC 6026)              | 64·T1                          |
-//! | M     | INVITE client in Accepted (RFC 6026)              | 64·T1                          |
+//! | Timer | What it does                                      | Value                           |
+//! |-------|---------------------------------------------------|---------------------------------|
+//! | A     | INVITE retransmission (unreliable only)           | T1, doubling, capped at T2      |
+//! | B     | INVITE client gives up in Calling                 | 64·T1                           |
+//! | D     | INVITE client absorbs final retransmissions       | `timer_d`; 0 when reliable      |
+//! | E     | non-INVITE retransmission (unreliable only)       | T1 doubling to T2; T2 after 1xx |
+//! | F     | non-INVITE client gives up                        | 64·T1                           |
+//! | G     | INVITE server final retransmission (unreliable)   | T1, doubling, capped at T2      |
+//! | H     | INVITE server gives up waiting for the ACK        | 64·T1                           |
+//! | I     | INVITE server absorbs ACK retransmissions         | T4; 0 when reliable             |
+//! | J     | non-INVITE server absorbs request retransmissions | 64·T1; 0 when reliable          |
+//! | K     | non-INVITE client absorbs final retransmissions   | T4; 0 when reliable             |
+//! | L     | INVITE server in Accepted (RFC 6026)              | 64·T1                           |
+//! | M     | INVITE client in Accepted (RFC 6026)              | 64·T1                           |
 //!
 //! Accepted (RFC 6026): after a 2xx the INVITE transactions do not end at once as RFC 3261
 //! said. The server one keeps absorbing INVITE retransmissions (which RFC 3261 would take for a
@@ -51,7 +51,8 @@ const MAX_FORWARDS: u32 = 70;
 
 // === Timer configuration ===
 
-/// The RFC 3261 timer base values (§17.1.1.1, table 4). Every other timer derives from them.
+/// The RFC 3261 timer base values (§17.1.1.1, table 4 of appendix A). Every other timer
+/// derives from them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TimerConfig {
     /// Round-trip estimate: the first retransmission interval (default 500 ms).
@@ -135,7 +136,7 @@ impl Timers {
 enum Class {
     Provisional,
     Success,
-    /// 300–699; also anything above, which RFC 3261 §21 treats as x00 of its class.
+    /// 300–699; also 700 and above, which is not SIP: it ends a transaction like a failure.
     Failure,
 }
 
@@ -214,9 +215,10 @@ pub enum ClientEvent {
     /// INVITE in Accepted: a further 2xx, retransmitted or from another fork (RFC 6026).
     /// A proxy forwards it upstream like the first.
     Additional2xx(Box<Message>),
-    /// Timer B or F fired without a final response. A proxy treats it as a 408 (§16.7).
+    /// Timer B or F fired without a final response. A proxy treats it as a 408.
     Timeout,
-    /// The transport could not deliver the request (§17.1.4), e.g. ICMP unreachable.
+    /// The transport could not deliver the request (§17.1.4), e.g. ICMP unreachable. A proxy
+    /// treats it as a 503 (§16.9).
     TransportError,
 }
 
@@ -484,7 +486,8 @@ pub enum ServerEvent {
 /// responses reliably (§17.2).
 ///
 /// The transaction does not send 100 Trying by itself: the TU answers an INVITE with 100 at
-/// once (a proxy does, §16.2), which also covers the "within 200 ms" rule of §17.2.1.
+/// once (as a proxy does on receiving one), which also covers the "within 200 ms" rule of
+/// §17.2.1.
 #[derive(Debug, Clone)]
 pub struct ServerTransaction {
     invite: bool,
@@ -707,9 +710,8 @@ pub fn ack_for(request: &Message, response: &Message) -> Message {
 }
 
 /// The CANCEL for a request (§9.1): Request-URI, Call-ID, From, To (as in the request, no tag
-/// from any response), CSeq number and the top Via (same branch, so it reaches the same
-/// server transaction's neighbour) of the request; its Route headers; Max-Forwards 70; no
-/// body.
+/// from any response), CSeq number and top Via of the request (the same branch is how the
+/// next hop finds the INVITE it cancels, §9.2); its Route headers; Max-Forwards 70; no body.
 pub fn cancel_for(request: &Message) -> Message {
     let mut cancel = Message::request(
         Method::Cancel,
@@ -793,8 +795,8 @@ pub enum RequestDisposition {
     /// (re-sending the last response where the state says so). Nothing for the TU.
     Absorbed,
     /// An ACK no transaction absorbs: the ACK of a 2xx (a transaction of its own, §17.1.1.3),
-    /// or one that came too late. The TU decides (a proxy forwards a 2xx ACK statelessly,
-    /// §16.10).
+    /// or one that came too late. The TU decides (a proxy routes a 2xx ACK like any request,
+    /// without a transaction).
     Ack,
 }
 
@@ -1068,9 +1070,9 @@ impl<D: Clone> Transactions<D> {
     }
 
     /// A received response. `None`: it matches no client transaction (a stray, dropped per
-    /// RFC 3261 §18.1.2 as updated by RFC 6026). Otherwise the transaction it matched, and what the
-    /// TU must hear (`None` when it was absorbed, e.g. a retransmitted final response, for
-    /// which the ACK was re-sent).
+    /// RFC 3261 §18.1.2 as updated by RFC 6026). Otherwise the transaction it matched, and
+    /// what the TU must hear (`None` when it was absorbed, e.g. a retransmitted final
+    /// response, for which the ACK was re-sent).
     pub fn handle_response(
         &mut self,
         now: Instant,
@@ -1250,7 +1252,9 @@ impl<D: Clone> Transactions<D> {
                 break;
             }
             self.timers.pop();
+            // Taking the deadline makes any duplicate of this heap entry stale.
             if self.scheduled(id) == Some(at) {
+                self.clear_scheduled(id);
                 due.push(id);
             }
         }
@@ -1258,14 +1262,12 @@ impl<D: Clone> Transactions<D> {
             match id {
                 TransactionId::Client(id) => {
                     if let Some(entry) = self.clients.get_mut(&id) {
-                        entry.scheduled = None;
                         entry.tx.handle_timeout(now);
                         self.sync_client(id);
                     }
                 }
                 TransactionId::Server(id) => {
                     if let Some(entry) = self.servers.get_mut(&id) {
-                        entry.scheduled = None;
                         entry.tx.handle_timeout(now);
                         self.sync_server(id);
                     }
@@ -1288,6 +1290,21 @@ impl<D: Clone> Transactions<D> {
         match id {
             TransactionId::Client(id) => self.clients.get(&id).and_then(|e| e.scheduled),
             TransactionId::Server(id) => self.servers.get(&id).and_then(|e| e.scheduled),
+        }
+    }
+
+    fn clear_scheduled(&mut self, id: TransactionId) {
+        match id {
+            TransactionId::Client(id) => {
+                if let Some(e) = self.clients.get_mut(&id) {
+                    e.scheduled = None;
+                }
+            }
+            TransactionId::Server(id) => {
+                if let Some(e) = self.servers.get_mut(&id) {
+                    e.scheduled = None;
+                }
+            }
         }
     }
 

@@ -1,6 +1,22 @@
 //! SIP transports: UDP, TCP and TLS listeners and connections.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::message::{Frame, MAX_MESSAGE, Message, ParseError, stream_frame};
 
 /// A SIP transport protocol, as named in Via and the `transport` URI parameter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -54,23 +70,6 @@ impl fmt::Display for Transport {
 }
 
 // === Listening and sending ===
-
-use std::collections::HashMap;
-use std::io;
-use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
-use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
-
-use super::message::{Frame, MAX_MESSAGE, Message, ParseError, stream_frame};
 
 /// One address to listen on, written `udp:127.0.0.1:5060`, `tcp:[::1]:5060` or
 /// `tls:0.0.0.0:5061` in the configuration.
@@ -307,10 +306,7 @@ impl SipTransport {
     /// flow's connection for streams, else over any open connection to the remote, else (TCP) a
     /// new connection.
     pub async fn send(&self, flow: &Flow, bytes: Bytes) -> Result<(), SendError> {
-        let ip = flow.remote.ip();
-        if ip.is_unspecified() || ip.is_multicast() || is_broadcast(ip) {
-            return Err(SendError::ForbiddenDestination(ip));
-        }
+        check_destination(flow.remote.ip())?;
         match flow.transport {
             Transport::Udp => {
                 let sock = self.udp_socket(flow)?;
@@ -318,14 +314,7 @@ impl SipTransport {
                 Ok(())
             }
             Transport::Tcp | Transport::Tls => {
-                let tx = {
-                    let conns = self.lock();
-                    let id = flow
-                        .conn
-                        .filter(|id| conns.by_id.contains_key(id))
-                        .or_else(|| conns.by_remote.get(&(flow.transport, flow.remote)).copied());
-                    id.and_then(|id| conns.by_id.get(&id)).map(|c| c.tx.clone())
-                };
+                let tx = self.conn_sender(flow);
                 let tx = match tx {
                     Some(tx) => tx,
                     None if flow.transport == Transport::Tcp => self.connect(flow).await?,
@@ -342,10 +331,7 @@ impl SipTransport {
     /// loop calls this. Only a send that must first open a TCP connection, or that meets a
     /// full queue, continues in a task of its own.
     pub fn send_nowait(&self, flow: Flow, bytes: Bytes) -> Result<(), SendError> {
-        let ip = flow.remote.ip();
-        if ip.is_unspecified() || ip.is_multicast() || is_broadcast(ip) {
-            return Err(SendError::ForbiddenDestination(ip));
-        }
+        check_destination(flow.remote.ip())?;
         let pending = match flow.transport {
             Transport::Udp => {
                 let sock = self.udp_socket(&flow)?;
@@ -356,14 +342,7 @@ impl SipTransport {
                 }
             }
             Transport::Tcp | Transport::Tls => {
-                let tx = {
-                    let conns = self.lock();
-                    let id = flow
-                        .conn
-                        .filter(|id| conns.by_id.contains_key(id))
-                        .or_else(|| conns.by_remote.get(&(flow.transport, flow.remote)).copied());
-                    id.and_then(|id| conns.by_id.get(&id)).map(|c| c.tx.clone())
-                };
+                let tx = self.conn_sender(&flow);
                 match tx {
                     Some(tx) => match tx.try_send(bytes) {
                         Ok(()) => return Ok(()),
@@ -384,6 +363,16 @@ impl SipTransport {
             }
         });
         Ok(())
+    }
+
+    /// The send queue of the flow's connection, else of any open connection to its remote.
+    fn conn_sender(&self, flow: &Flow) -> Option<mpsc::Sender<Bytes>> {
+        let conns = self.lock();
+        let id = flow
+            .conn
+            .filter(|id| conns.by_id.contains_key(id))
+            .or_else(|| conns.by_remote.get(&(flow.transport, flow.remote)).copied())?;
+        conns.by_id.get(&id).map(|c| c.tx.clone())
     }
 
     fn udp_socket(&self, flow: &Flow) -> Result<&Arc<UdpSocket>, SendError> {
@@ -471,8 +460,13 @@ fn with_addr(e: io::Error, spec: &ListenSpec) -> io::Error {
     io::Error::new(e.kind(), format!("cannot listen on {spec}: {e}"))
 }
 
-fn is_broadcast(ip: IpAddr) -> bool {
-    matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
+/// Broadcast, multicast and unspecified addresses are never sent to (RFC 4475 §3.3.10).
+fn check_destination(ip: IpAddr) -> Result<(), SendError> {
+    let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    if broadcast || ip.is_unspecified() || ip.is_multicast() {
+        return Err(SendError::ForbiddenDestination(ip));
+    }
+    Ok(())
 }
 
 async fn udp_loop(transport: SipTransport, sock: Arc<UdpSocket>) {
