@@ -2,9 +2,10 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use super::admin::{self, AdminCommand};
 use super::config::{CarrierConfig, Settings};
 use super::server;
 
@@ -13,11 +14,23 @@ use super::server;
 #[command(name = "lifeline-carrier", version)]
 pub struct Cli {
     /// TOML configuration file; without one the server runs on 127.0.0.1:5060 (UDP and TCP).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     pub config: Option<PathBuf>,
     /// State folder; overrides `data_dir` of the configuration.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", global = true)]
     pub data_dir: Option<PathBuf>,
+    /// Without a command, run the server.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// What to do instead of running the server.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Edit the configuration store (accounts, trunk groups, DIDs), then exit. A running
+    /// server on the same data folder picks the change up.
+    #[command(subcommand)]
+    Admin(AdminCommand),
 }
 
 /// Exit code for a configuration the server refuses (EX_CONFIG of sysexits.h).
@@ -59,6 +72,9 @@ pub async fn run(cli: Cli) -> i32 {
         }
     };
     init_logging(&settings.raw.log_level);
+    if let Some(Command::Admin(cmd)) = cli.command {
+        return admin::execute(cmd, &settings.raw.data_dir, &settings.raw.realm).await;
+    }
     let running = match server::start(settings).await {
         Ok(r) => r,
         Err(e) => {

@@ -49,6 +49,9 @@ struct File {
 pub struct CarrierConfig {
     /// This trunk server's name, as its peers and the logs know it.
     pub name: String,
+    /// The digest realm of every trunk group, the same on every trunk server: the stored HA1
+    /// values depend on it.
+    pub realm: String,
     /// SIP listen addresses: `udp:ADDR:PORT`, `tcp:ADDR:PORT`, `tls:ADDR:PORT`.
     pub sip_listen: Vec<String>,
     /// PEM certificate chain for TLS listeners.
@@ -76,6 +79,7 @@ impl Default for CarrierConfig {
     fn default() -> Self {
         CarrierConfig {
             name: "trunk1".into(),
+            realm: "lifeline".into(),
             sip_listen: vec!["udp:127.0.0.1:5060".into(), "tcp:127.0.0.1:5060".into()],
             tls_certificate: None,
             tls_private_key: None,
@@ -127,6 +131,12 @@ impl CarrierConfig {
         };
         if self.name.trim().is_empty() {
             return Err(invalid("name", "must not be empty".into()));
+        }
+        if self.realm.is_empty() || self.realm.contains(['"', '\\', '\r', '\n']) {
+            return Err(invalid(
+                "realm",
+                "must be non-empty, without quotes or backslashes".into(),
+            ));
         }
         if self.sip_listen.is_empty() {
             return Err(invalid("sip_listen", "needs at least one address".into()));

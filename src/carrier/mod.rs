@@ -1,6 +1,9 @@
 //! The trunk server: configuration, the SIP service (answers of its own, and later the
-//! registrar and the delivery proxy) and the command line behind `lifeline-carrier`.
+//! registrar and the delivery proxy), the configuration store with its `admin` commands, and
+//! the command line behind `lifeline-carrier`.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod server;
+pub mod store;

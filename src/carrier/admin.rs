@@ -1,0 +1,471 @@
+//! `lifeline-carrier admin …`: edit the store from the command line.
+//!
+//! Output is for scripts: one line per object, fields separated by a tab, no header, times
+//! in UTC as `YYYY-MM-DDTHH:MM:SSZ`. `add` prints only the new object's key (the id, or the
+//! normalised number for a DID); `remove` and `set-password` print nothing. Failures go to the
+//! caller as [`AdminError`], which names what was wrong; the process should exit non-zero.
+//!
+//! Line formats:
+//! - account: `ID  NAME  CREATED`
+//! - trunk group: `ID  ACCOUNT_ID  NAME  USERNAME  REALM  CREATED`
+//! - DID: `NUMBER  TRUNK_GROUP_ID  CREATED`
+//!
+//! Names cannot hold tabs or line breaks (the store refuses them), so lines always split
+//! cleanly. Passwords and HA1 values are never printed.
+
+use std::io::Write;
+use std::path::Path;
+
+use clap::Subcommand;
+
+use super::store::{AccountId, Store, StoreError, TrunkGroupId};
+
+/// Edit the configuration store: accounts, trunk groups, DIDs.
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum AdminCommand {
+    /// Customer accounts.
+    #[command(subcommand)]
+    Account(AccountCommand),
+    /// Trunk groups: a customer PBX connection and its SIP credentials.
+    #[command(subcommand)]
+    TrunkGroup(TrunkGroupCommand),
+    /// DIDs: numbers delivered to a trunk group.
+    #[command(subcommand)]
+    Did(DidCommand),
+}
+
+/// `admin account …`
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum AccountCommand {
+    /// Create an account; prints its id.
+    Add {
+        /// Account name, unique across the carrier.
+        name: String,
+    },
+    /// List accounts: ID, NAME, CREATED.
+    List,
+    /// Remove an account that has no trunk groups.
+    Remove {
+        /// Account id.
+        id: AccountId,
+    },
+}
+
+/// `admin trunk-group …`
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum TrunkGroupCommand {
+    /// Create a trunk group; prints its id. The password is kept only as Digest HA1 values
+    /// for the configured realm.
+    Add {
+        /// The account that owns it.
+        #[arg(long, value_name = "ID")]
+        account: AccountId,
+        /// Name, unique within the account.
+        #[arg(long)]
+        name: String,
+        /// SIP Digest username, unique across the carrier.
+        #[arg(long)]
+        username: String,
+        /// SIP Digest password.
+        #[arg(long)]
+        password: String,
+    },
+    /// List trunk groups: ID, ACCOUNT_ID, NAME, USERNAME, REALM, CREATED.
+    List {
+        /// Only this account's trunk groups.
+        #[arg(long, value_name = "ID")]
+        account: Option<AccountId>,
+    },
+    /// Remove a trunk group that has no DIDs.
+    Remove {
+        /// Trunk group id.
+        id: TrunkGroupId,
+    },
+    /// Replace a trunk group's password (also moves it to the configured realm).
+    SetPassword {
+        /// Trunk group id.
+        id: TrunkGroupId,
+        /// The new SIP Digest password.
+        password: String,
+    },
+}
+
+/// `admin did …`
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum DidCommand {
+    /// Add a DID to a trunk group; prints the number in E.164 with `+`.
+    Add {
+        /// E.164 number, with or without the leading `+`.
+        number: String,
+        /// The trunk group calls to this number are delivered to.
+        #[arg(long, value_name = "ID")]
+        trunk_group: TrunkGroupId,
+    },
+    /// List DIDs: NUMBER, TRUNK_GROUP_ID, CREATED.
+    List {
+        /// Only this trunk group's DIDs.
+        #[arg(long, value_name = "ID")]
+        trunk_group: Option<TrunkGroupId>,
+    },
+    /// Remove a DID.
+    Remove {
+        /// E.164 number, with or without the leading `+`.
+        number: String,
+    },
+}
+
+/// Why an admin command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The store refused the change or failed; the message says which and why.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The output could not be written.
+    #[error("cannot write the output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+/// Runs one admin command against `store`, writing its output to `out`. `realm` is the
+/// configured Digest realm, used when a password is set.
+pub async fn run(
+    cmd: AdminCommand,
+    store: &Store,
+    realm: &str,
+    out: &mut impl Write,
+) -> Result<(), AdminError> {
+    match cmd {
+        AdminCommand::Account(cmd) => match cmd {
+            AccountCommand::Add { name } => {
+                let account = store.create_account(&name).await?;
+                writeln!(out, "{}", account.id)?;
+            }
+            AccountCommand::List => {
+                for a in store.list_accounts().await? {
+                    writeln!(out, "{}\t{}\t{}", a.id, a.name, utc(a.created_at))?;
+                }
+            }
+            AccountCommand::Remove { id } => store.remove_account(id).await?,
+        },
+        AdminCommand::TrunkGroup(cmd) => match cmd {
+            TrunkGroupCommand::Add {
+                account,
+                name,
+                username,
+                password,
+            } => {
+                let group = store
+                    .create_trunk_group(account, &name, &username, &password, realm)
+                    .await?;
+                writeln!(out, "{}", group.id)?;
+            }
+            TrunkGroupCommand::List { account } => {
+                for g in store.list_trunk_groups(account).await? {
+                    writeln!(
+                        out,
+                        "{}\t{}\t{}\t{}\t{}\t{}",
+                        g.id,
+                        g.account_id,
+                        g.name,
+                        g.username,
+                        g.realm,
+                        utc(g.created_at)
+                    )?;
+                }
+            }
+            TrunkGroupCommand::Remove { id } => store.remove_trunk_group(id).await?,
+            TrunkGroupCommand::SetPassword { id, password } => {
+                store.set_trunk_group_password(id, &password, realm).await?
+            }
+        },
+        AdminCommand::Did(cmd) => match cmd {
+            DidCommand::Add {
+                number,
+                trunk_group,
+            } => {
+                let did = store.create_did(&number, trunk_group).await?;
+                writeln!(out, "{}", did.number)?;
+            }
+            DidCommand::List { trunk_group } => {
+                for d in store.list_dids(trunk_group).await? {
+                    writeln!(
+                        out,
+                        "{}\t{}\t{}",
+                        d.number,
+                        d.trunk_group_id,
+                        utc(d.created_at)
+                    )?;
+                }
+            }
+            DidCommand::Remove { number } => store.remove_did(&number).await?,
+        },
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// The whole `admin` invocation for the binary: opens the store in `data_dir`, runs `cmd`,
+/// prints its output on standard output and any failure on standard error. Returns the
+/// process exit code: 0 on success, 1 on any failure.
+pub async fn execute(cmd: AdminCommand, data_dir: &Path, realm: &str) -> i32 {
+    let store = match Store::open(data_dir).await {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("lifeline-carrier: {e}");
+            return 1;
+        }
+    };
+    let mut out = Vec::new();
+    let result = run(cmd, &store, realm, &mut out).await;
+    store.close().await;
+    let printed = {
+        let mut stdout = std::io::stdout().lock();
+        stdout.write_all(&out).and_then(|()| stdout.flush())
+    };
+    match result.and(printed.map_err(AdminError::from)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("lifeline-carrier: {e}");
+            1
+        }
+    }
+}
+
+/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (proleptic Gregorian, UTC).
+pub fn utc(unix_seconds: i64) -> String {
+    let days = unix_seconds.div_euclid(86_400);
+    let secs = unix_seconds.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: AdminCommand,
+    }
+
+    fn parse(args: &[&str]) -> AdminCommand {
+        let mut argv = vec!["admin"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).expect("parses").cmd
+    }
+
+    async fn run_ok(store: &Store, args: &[&str]) -> String {
+        let mut out = Vec::new();
+        run(parse(args), store, "lifeline", &mut out)
+            .await
+            .expect("command succeeds");
+        String::from_utf8(out).expect("utf-8")
+    }
+
+    async fn run_err(store: &Store, args: &[&str]) -> AdminError {
+        let mut out = Vec::new();
+        let err = run(parse(args), store, "lifeline", &mut out)
+            .await
+            .expect_err("command fails");
+        assert!(out.is_empty(), "no output on failure");
+        err
+    }
+
+    fn fields(line: &str) -> Vec<&str> {
+        line.split('\t').collect()
+    }
+
+    #[test]
+    fn utc_formats_known_instants() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_795_706_703), "2026-11-26T15:25:03Z");
+        assert_eq!(utc(-1), "1969-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn parses_every_command() {
+        assert_eq!(
+            parse(&["account", "add", "Acme Ltd"]),
+            AdminCommand::Account(AccountCommand::Add {
+                name: "Acme Ltd".into()
+            })
+        );
+        assert_eq!(
+            parse(&[
+                "trunk-group",
+                "add",
+                "--account",
+                "3",
+                "--name",
+                "main",
+                "--username",
+                "acme-main",
+                "--password",
+                "s3cret",
+            ]),
+            AdminCommand::TrunkGroup(TrunkGroupCommand::Add {
+                account: 3,
+                name: "main".into(),
+                username: "acme-main".into(),
+                password: "s3cret".into(),
+            })
+        );
+        assert_eq!(
+            parse(&["trunk-group", "list", "--account", "3"]),
+            AdminCommand::TrunkGroup(TrunkGroupCommand::List { account: Some(3) })
+        );
+        assert_eq!(
+            parse(&["trunk-group", "set-password", "4", "n3w"]),
+            AdminCommand::TrunkGroup(TrunkGroupCommand::SetPassword {
+                id: 4,
+                password: "n3w".into()
+            })
+        );
+        assert_eq!(
+            parse(&["did", "add", "+442071234567", "--trunk-group", "4"]),
+            AdminCommand::Did(DidCommand::Add {
+                number: "+442071234567".into(),
+                trunk_group: 4
+            })
+        );
+        assert_eq!(
+            parse(&["did", "remove", "442071234567"]),
+            AdminCommand::Did(DidCommand::Remove {
+                number: "442071234567".into()
+            })
+        );
+        assert!(Cli::try_parse_from(["admin", "account", "remove", "x"]).is_err());
+        assert!(Cli::try_parse_from(["admin", "trunk-group", "add", "--account", "1"]).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_whole_provisioning_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+
+        let account = run_ok(&store, &["account", "add", "Acme Ltd"]).await;
+        assert_eq!(account, "1\n");
+        let listed = run_ok(&store, &["account", "list"]).await;
+        let f = fields(listed.trim_end());
+        assert_eq!(&f[..2], ["1", "Acme Ltd"]);
+        assert!(f[2].ends_with('Z') && f[2].len() == 20, "{listed:?}");
+
+        let tg = run_ok(
+            &store,
+            &[
+                "trunk-group",
+                "add",
+                "--account",
+                "1",
+                "--name",
+                "main office",
+                "--username",
+                "acme-main",
+                "--password",
+                "s3cret-pw",
+            ],
+        )
+        .await;
+        assert_eq!(tg, "1\n");
+        let listed = run_ok(&store, &["trunk-group", "list"]).await;
+        assert_eq!(listed.lines().count(), 1);
+        let f = fields(listed.trim_end());
+        assert_eq!(&f[..5], ["1", "1", "main office", "acme-main", "lifeline"]);
+        assert!(!listed.contains("s3cret-pw"));
+        assert_eq!(
+            run_ok(&store, &["trunk-group", "list", "--account", "2"]).await,
+            ""
+        );
+
+        assert_eq!(
+            run_ok(
+                &store,
+                &["did", "add", "442071234567", "--trunk-group", "1"]
+            )
+            .await,
+            "+442071234567\n"
+        );
+        let listed = run_ok(&store, &["did", "list"]).await;
+        assert_eq!(&fields(listed.trim_end())[..2], ["+442071234567", "1"]);
+
+        assert_eq!(
+            run_ok(&store, &["trunk-group", "set-password", "1", "other"]).await,
+            ""
+        );
+
+        let err = run_err(&store, &["trunk-group", "remove", "1"]).await;
+        assert!(
+            matches!(
+                err,
+                AdminError::Store(StoreError::TrunkGroupHasDids { id: 1, count: 1 })
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "trunk group 1 still has 1 DID(s); remove them first"
+        );
+
+        assert_eq!(
+            run_ok(&store, &["did", "remove", "+442071234567"]).await,
+            ""
+        );
+        assert_eq!(run_ok(&store, &["trunk-group", "remove", "1"]).await, "");
+        assert_eq!(run_ok(&store, &["account", "remove", "1"]).await, "");
+        assert_eq!(run_ok(&store, &["account", "list"]).await, "");
+    }
+
+    #[tokio::test]
+    async fn execute_returns_the_exit_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let add = parse(&["account", "add", "Acme"]);
+        assert_eq!(execute(add.clone(), dir.path(), "lifeline").await, 0);
+        assert_eq!(execute(add, dir.path(), "lifeline").await, 1);
+        let store = Store::open(dir.path()).await.unwrap();
+        assert_eq!(store.list_accounts().await.unwrap().len(), 1);
+        let file = dir.path().join("plain-file");
+        std::fs::write(&file, b"x").unwrap();
+        assert_eq!(
+            execute(parse(&["account", "list"]), &file, "lifeline").await,
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn failures_name_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        run_ok(&store, &["account", "add", "Acme"]).await;
+        let err = run_err(&store, &["account", "add", "Acme"]).await;
+        assert_eq!(err.to_string(), "account name \"Acme\" is already taken");
+        let err = run_err(&store, &["did", "add", "12", "--trunk-group", "1"]).await;
+        assert_eq!(
+            err.to_string(),
+            "invalid phone number \"12\": E.164 numbers have 8 to 15 digits"
+        );
+        let err = run_err(
+            &store,
+            &["did", "add", "+15551234567", "--trunk-group", "9"],
+        )
+        .await;
+        assert_eq!(err.to_string(), "no trunk group with id 9");
+        let err = run_err(&store, &["account", "remove", "7"]).await;
+        assert_eq!(err.to_string(), "no account with id 7");
+    }
+}
