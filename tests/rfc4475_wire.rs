@@ -2,7 +2,8 @@
 //! inside a private network namespace (their Vias name arbitrary hosts, so no answer may leave
 //! loopback). The SIP core's own answers (400, 505, 416, 420, 483, 501) and the silent drops
 //! must match the corpus README; the carrier must be alive and answering afterwards.
-//! The registrar and proxy rows come with those components.
+//! The REG rows are challenged here (completed in rfc4475_register.rs); the proxy rows come
+//! with the delivery proxy.
 
 mod common;
 
@@ -11,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::{header_of, in_private_netns, rfc4475, start_carrier, status_of};
 
-/// `Some(code)`: the SIP core answers this; `None`: it is dropped without any answer.
+/// `Some(code)`: the SIP core (or the registrar) answers this; `None`: it is dropped without
+/// any answer.
 const CORE: &[(&str, Option<u16>)] = &[
     ("badinv01", Some(400)),
     ("clerr", Some(400)),
@@ -41,6 +43,16 @@ const CORE: &[(&str, Option<u16>)] = &[
     ("scalarlg", None),
     ("bigcode", None),
     ("bcast", None),
+    // The registrar's rows: malformed registrations get 400 before any challenge; the others
+    // are challenged (their completion with credentials is in rfc4475_register.rs).
+    ("regbadct", Some(400)),
+    ("unksm2", Some(400)),
+    ("escnull", Some(401)),
+    ("dblreq", Some(401)),
+    ("cparam01", Some(401)),
+    ("cparam02", Some(401)),
+    ("regescrt", Some(401)),
+    ("regaut01", Some(401)),
 ];
 
 const ALL: &[&str] = &[

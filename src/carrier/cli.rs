@@ -50,9 +50,19 @@ pub fn settings(cli: &Cli) -> Result<Settings, super::config::ConfigError> {
 
 /// Text logs on standard error; the filter from `RUST_LOG`, else the configuration.
 pub fn init_logging(level: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    // sqlx logs every statement at debug: keep it quiet unless asked for by name.
+    let quiet = |f: &str| {
+        if f.contains("sqlx") {
+            f.to_string()
+        } else {
+            format!("{f},sqlx=warn")
+        }
+    };
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|f| EnvFilter::try_new(quiet(&f)).ok())
+        .or_else(|| EnvFilter::try_new(quiet(level)).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::registrar::RegistrarConfig;
+use crate::sip::digest::Algorithm;
 use crate::sip::transaction::TimerConfig;
 use crate::sip::transport::{ListenSpec, TransportOptions};
 
@@ -73,6 +75,28 @@ pub struct CarrierConfig {
     pub timer_d_ms: u64,
     /// A TCP or TLS connection idle this long is closed.
     pub stream_idle_timeout_ms: u64,
+    /// Registration expiry granted when a REGISTER names none, in seconds.
+    pub default_expires_s: u32,
+    /// Shorter registrations get 423 Interval Too Brief with this Min-Expires.
+    pub min_expires_s: u32,
+    /// Longer registrations are granted this.
+    pub max_expires_s: u32,
+    /// Contacts one trunk group may bind on this server.
+    pub max_contacts: usize,
+    /// Digest algorithms offered in challenges, most preferred first: "SHA-256", "MD5".
+    pub digest_algorithms: Vec<String>,
+    /// How long a digest nonce is good for before the answer is `stale`.
+    pub nonce_lifetime_s: u64,
+    /// Wrong digest answers from one source address, within `auth_failure_window_ms`, before
+    /// that source is throttled.
+    pub auth_failures_allowed: u32,
+    pub auth_failure_window_ms: u64,
+    /// How long a throttled source has its digest answers refused unchecked.
+    pub auth_throttle_ms: u64,
+    /// How often the customer configuration store is checked for changes.
+    pub config_poll_ms: u64,
+    /// Bindings reach this server's bindings file at most this long after they change.
+    pub bindings_flush_ms: u64,
 }
 
 impl Default for CarrierConfig {
@@ -90,6 +114,17 @@ impl Default for CarrierConfig {
             t4_ms: 5000,
             timer_d_ms: 32_000,
             stream_idle_timeout_ms: 900_000,
+            default_expires_s: 3600,
+            min_expires_s: 60,
+            max_expires_s: 7200,
+            max_contacts: 10,
+            digest_algorithms: vec!["MD5".into()],
+            nonce_lifetime_s: 300,
+            auth_failures_allowed: 5,
+            auth_failure_window_ms: 60_000,
+            auth_throttle_ms: 60_000,
+            config_poll_ms: 500,
+            bindings_flush_ms: 200,
         }
     }
 }
@@ -101,6 +136,7 @@ pub struct Settings {
     pub listen: Vec<ListenSpec>,
     pub timers: TimerConfig,
     pub transport: TransportOptions,
+    pub registrar: RegistrarConfig,
 }
 
 impl CarrierConfig {
@@ -169,6 +205,58 @@ impl CarrierConfig {
         if self.t2_ms < self.t1_ms {
             return Err(invalid("t2_ms", "must not be less than t1_ms".into()));
         }
+        for (key, v) in [
+            ("nonce_lifetime_s", self.nonce_lifetime_s),
+            ("config_poll_ms", self.config_poll_ms),
+            ("bindings_flush_ms", self.bindings_flush_ms),
+            ("auth_failure_window_ms", self.auth_failure_window_ms),
+            ("max_contacts", self.max_contacts as u64),
+            (
+                "auth_failures_allowed",
+                u64::from(self.auth_failures_allowed),
+            ),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be greater than 0".into()));
+            }
+        }
+        if self.min_expires_s > self.max_expires_s {
+            return Err(invalid(
+                "min_expires_s",
+                "must not exceed max_expires_s".into(),
+            ));
+        }
+        if !(self.min_expires_s..=self.max_expires_s).contains(&self.default_expires_s) {
+            return Err(invalid(
+                "default_expires_s",
+                "must lie between min_expires_s and max_expires_s".into(),
+            ));
+        }
+        let algorithms = self
+            .digest_algorithms
+            .iter()
+            .map(|a| match a.parse::<Algorithm>() {
+                Ok(alg) => Ok(alg),
+                Err(_) => Err(invalid(
+                    "digest_algorithms",
+                    format!("`{a}`: use \"SHA-256\" or \"MD5\""),
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if algorithms.is_empty() {
+            return Err(invalid("digest_algorithms", "needs at least one".into()));
+        }
+        let registrar = RegistrarConfig {
+            realm: self.realm.clone(),
+            default_expires: self.default_expires_s,
+            min_expires: self.min_expires_s,
+            max_expires: self.max_expires_s,
+            max_contacts: self.max_contacts,
+            algorithms,
+            auth_failures_allowed: self.auth_failures_allowed,
+            auth_failure_window: Duration::from_millis(self.auth_failure_window_ms),
+            auth_throttle: Duration::from_millis(self.auth_throttle_ms),
+        };
         let timers = TimerConfig {
             t1: Duration::from_millis(self.t1_ms),
             t2: Duration::from_millis(self.t2_ms),
@@ -184,6 +272,7 @@ impl CarrierConfig {
             listen,
             timers,
             transport,
+            registrar,
         })
     }
 }

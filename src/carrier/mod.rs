@@ -3,7 +3,10 @@
 //! the command line behind `lifeline-carrier`.
 
 pub mod admin;
+pub mod bindings;
 pub mod cli;
 pub mod config;
+pub mod customers;
+pub mod registrar;
 pub mod server;
 pub mod store;

@@ -1,7 +1,7 @@
 //! The carrier's SIP service: receives from the transports, runs server transactions, and
 //! answers what the SIP core answers itself (RFC 3261 §8.2 and §16.3 checks, OPTIONS to the
-//! server). Requests for a user part are routed; until the location service exists, no user is
-//! found (404).
+//! server), hands REGISTER to the registrar, and routes requests for a user part (until the
+//! delivery proxy exists, no user is found: 404).
 //!
 //! One task owns the transaction table (a pure state machine): it is fed received messages and
 //! timeouts, and what it wants sent is handed to the transports.
@@ -16,7 +16,17 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+
+use super::bindings::BindingStore;
 use super::config::Settings;
+use super::customers::{Customers, watch_customers};
+use super::registrar::{Registrar, unix_ms};
+use super::store::{Store, StoreError};
+use crate::sip::digest::Authenticator;
 use crate::sip::message::{Header, HeaderName, Message, Method, ParseError};
 use crate::sip::transaction::{RequestDisposition, Transactions};
 use crate::sip::transport::{
@@ -65,6 +75,12 @@ pub enum StartError {
     /// A listen address could not be bound.
     #[error("{0}")]
     Bind(io::Error),
+    /// The customer configuration store could not be opened or read.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// This server's bindings file could not be opened.
+    #[error("{0}")]
+    Bindings(#[from] super::bindings::BindingStoreError),
 }
 
 /// Creates the state folder, binds the listeners and starts the service.
@@ -78,6 +94,18 @@ pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
         (Some(c), Some(k)) => Some(tls_server_config(c, k).map_err(StartError::Tls)?),
         _ => None,
     };
+    let store = Store::open(dir).await?;
+    let customers =
+        watch_customers(store, Duration::from_millis(settings.raw.config_poll_ms)).await?;
+    let (bindings, loaded) = BindingStore::open(
+        dir,
+        Duration::from_millis(settings.raw.bindings_flush_ms),
+        unix_ms(SystemTime::now()),
+    )
+    .await?;
+    info!(bindings = loaded.len(), "bindings loaded");
+    let auth = Authenticator::new(Duration::from_secs(settings.raw.nonce_lifetime_s));
+    let registrar = Registrar::new(settings.registrar.clone(), auth, bindings, loaded);
     let (transport, incoming) =
         SipTransport::bind(&settings.listen, tls, settings.transport.clone())
             .await
@@ -85,7 +113,12 @@ pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
     let bound = transport.bound().to_vec();
     log_bound(&bound);
     info!(name = %settings.raw.name, data_dir = %dir.display(), "carrier started");
-    let service = Service::new(&settings, transport);
+    let service = Service {
+        transport,
+        transactions: Transactions::new(settings.timers.clone()),
+        registrar,
+        customers,
+    };
     let (stop, stopped) = oneshot::channel();
     let task = tokio::spawn(service.run(incoming, stopped));
     Ok(RunningCarrier { bound, stop, task })
@@ -94,21 +127,18 @@ pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
 struct Service {
     transport: SipTransport,
     transactions: Transactions<Flow>,
+    registrar: Registrar,
+    customers: watch::Receiver<Arc<Customers>>,
 }
 
 impl Service {
-    fn new(settings: &Settings, transport: SipTransport) -> Service {
-        Service {
-            transport,
-            transactions: Transactions::new(settings.timers.clone()),
-        }
-    }
-
     async fn run(
         mut self,
         mut incoming: mpsc::Receiver<Received>,
         mut stop: oneshot::Receiver<()>,
     ) {
+        let mut expiry = tokio::time::interval(Duration::from_secs(1));
+        expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = self.transactions.poll_timeout();
             tokio::select! {
@@ -118,9 +148,12 @@ impl Service {
                     None => break,
                 },
                 _ = sleep_until(deadline) => self.transactions.handle_timeout(Instant::now()),
+                _ = expiry.tick() => self.registrar.expire(unix_ms(SystemTime::now())),
             }
             self.flush();
         }
+        // Bindings changed since the last write-behind tick must not be lost on shutdown.
+        self.registrar.flush().await;
     }
 
     /// Hands everything the transactions want sent to the transports.
@@ -201,14 +234,14 @@ impl Service {
                 return;
             }
         };
-        let answer = self.answer(&msg);
+        let answer = self.answer(&msg, &flow);
         if let Err(e) = self.transactions.respond(id, now, answer) {
             debug!(call_id = %msg.call_id(), error = %e, "answer not sent");
         }
     }
 
     /// The SIP core's own answer to a new request.
-    fn answer(&mut self, req: &Message) -> Message {
+    fn answer(&mut self, req: &Message, flow: &Flow) -> Message {
         let reply = |code: u16, reason: &str| {
             let mut r = req.response(code, reason, Some(&new_tag()));
             r.push_header(Header::new(HeaderName::Server, SERVER));
@@ -219,7 +252,8 @@ impl Service {
         // A URI without a user part addresses the server itself: it never relays to other
         // hosts, only delivers users (DIDs).
         let local = match uri {
-            Uri::Sip(u) => u.user.is_none(),
+            // Some PBXs put their own user in a REGISTER's Request-URI: still for us.
+            Uri::Sip(u) => u.user.is_none() || *req.method() == Method::Register,
             Uri::Tel(_) => false,
             Uri::Other { .. } => return reply(416, "Unsupported URI Scheme"),
         };
@@ -240,14 +274,19 @@ impl Service {
             };
         }
         if local {
-            self.answer_local(req, reply)
+            self.answer_local(req, flow, reply)
         } else {
             self.answer_routed(req, reply)
         }
     }
 
     /// The request is for this server itself (the UAS role).
-    fn answer_local(&self, req: &Message, reply: impl Fn(u16, &str) -> Message) -> Message {
+    fn answer_local(
+        &mut self,
+        req: &Message,
+        flow: &Flow,
+        reply: impl Fn(u16, &str) -> Message,
+    ) -> Message {
         let require = req.header_tokens(&HeaderName::Require);
         if !require.is_empty() {
             let mut r = reply(420, "Bad Extension");
@@ -255,6 +294,19 @@ impl Service {
             return r;
         }
         match req.method() {
+            Method::Register => {
+                let customers = self.customers.borrow().clone();
+                let mut r = self.registrar.register(
+                    req,
+                    flow,
+                    &customers,
+                    SystemTime::now(),
+                    Instant::now(),
+                    &new_tag(),
+                );
+                r.push_header(Header::new(HeaderName::Server, SERVER));
+                r
+            }
             Method::Options => {
                 let mut r = reply(200, "OK");
                 r.push_header(Header::new(HeaderName::Allow, ALLOW));

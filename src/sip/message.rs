@@ -264,7 +264,23 @@ impl Header {
             None => {
                 out.put_slice(self.name.as_str().as_bytes());
                 out.put_slice(b": ");
-                out.put_slice(&self.value);
+                if self.value.iter().any(|&b| b == b'\r' || b == b'\n') {
+                    // Unfold: each fold becomes one space (RFC 3261 §7.3.1).
+                    let mut in_fold = false;
+                    for &b in self.value.iter() {
+                        if is_lws(b) && (in_fold || b == b'\r' || b == b'\n') {
+                            if !in_fold {
+                                out.put_u8(b' ');
+                            }
+                            in_fold = true;
+                        } else {
+                            in_fold = false;
+                            out.put_u8(b);
+                        }
+                    }
+                } else {
+                    out.put_slice(&self.value);
+                }
                 out.put_slice(b"\r\n");
             }
         }
@@ -1123,10 +1139,18 @@ fn index_headers(buf: &Bytes, mut at: usize) -> Result<(Vec<Header>, usize), Syn
         }
         let name = ByteString::try_from(buf.slice_ref(name)).map_err(|_| "bad header name")?;
         let value = trim_lws_bytes(&line[colon + 1..]);
+        // Kept byte-exact only when its line ends are CRLF: a line cut off at the end of a
+        // datagram, or ended by a bare LF, is written anew so the output frames on streams.
+        let raw = &buf[at..next];
+        let crlf_only = raw.ends_with(b"\r\n")
+            && raw
+                .iter()
+                .enumerate()
+                .all(|(i, &b)| b != b'\n' || (i > 0 && raw[i - 1] == b'\r'));
         headers.push(Header {
             name: HeaderName::parse(&name),
             value: buf.slice_ref(value),
-            raw: Some(buf.slice(at..next)),
+            raw: crlf_only.then(|| buf.slice(at..next)),
         });
         at = next;
     }

@@ -114,6 +114,41 @@ impl SipUri {
         self.user.as_deref().map(syntax::unescape)
     }
 
+    /// URI equality of RFC 3261 §19.1.4: user parts compared after unescaping, host
+    /// case-insensitively, an absent port differs from an explicit 5060; `user`, `ttl`,
+    /// `method`, `maddr` and `transport` must agree when either URI has them, other parameters
+    /// only when both do.
+    pub fn equivalent(&self, other: &SipUri) -> bool {
+        let unescaped = |s: &Option<ByteString>| s.as_deref().map(syntax::unescape);
+        if self.secure != other.secure
+            || unescaped(&self.user) != unescaped(&other.user)
+            || unescaped(&self.password) != unescaped(&other.password)
+            || !self.host.matches(&other.host)
+            || self.port != other.port
+            || self.headers != other.headers
+        {
+            return false;
+        }
+        let same = |a: Option<&str>, b: Option<&str>| match (a, b) {
+            (Some(a), Some(b)) => syntax::unescape(a).eq_ignore_ascii_case(&syntax::unescape(b)),
+            (None, None) => true,
+            _ => false,
+        };
+        for name in ["user", "ttl", "method", "maddr", "transport"] {
+            let (a, b) = (self.params.get(name), other.params.get(name));
+            if a.is_some() != b.is_some() || !same(a.flatten(), b.flatten()) {
+                return false;
+            }
+        }
+        self.params
+            .0
+            .iter()
+            .all(|p| match other.params.get(&p.name) {
+                Some(v) => same(p.value.as_deref(), v),
+                None => true,
+            })
+    }
+
     /// The `transport` parameter, if any.
     pub fn transport(&self) -> Option<&str> {
         self.params.value("transport")
@@ -187,6 +222,12 @@ impl Uri {
             parse_tel(&rest).map(Uri::Tel)
         } else if rest.is_empty() {
             Err("empty URI")
+        } else if rest
+            .bytes()
+            .any(|b| b.is_ascii_control() || b"<>\"{}|\\^`".contains(&b))
+        {
+            // RFC 3986 §2: these never appear unescaped in a URI.
+            Err("character not allowed in a URI")
         } else {
             Ok(Uri::Other {
                 scheme: text.slice_ref(scheme),
@@ -487,6 +528,31 @@ mod tests {
             b"user;par=u@example.net".to_vec()
         );
         assert_eq!(u.host, Host::Name(bs("example.com")));
+    }
+
+    #[test]
+    fn equivalence_of_rfc_3261_19_1_4() {
+        let sip = |s: &str| match Uri::parse(&bs(s)).unwrap() {
+            Uri::Sip(u) => u,
+            _ => panic!(),
+        };
+        let eq = |a: &str, b: &str| sip(a).equivalent(&sip(b));
+        assert!(eq(
+            "sip:%61lice@AtLanTa.com;transport=TCP",
+            "sip:alice@atlanta.com;transport=tcp"
+        ));
+        assert!(eq(
+            "sip:+19725552222@gw1.example.net;unknownparam",
+            "sip:+19725552222@gw1.example.net"
+        ));
+        assert!(!eq("sip:alice@atlanta.com", "sip:alice@atlanta.com:5060"));
+        assert!(!eq("sip:alice@atlanta.com", "sip:ALICE@atlanta.com"));
+        assert!(!eq(
+            "sip:bob@biloxi.com;transport=udp",
+            "sip:bob@biloxi.com"
+        ));
+        assert!(!eq("sip:a@b;x=1", "sip:a@b;x=2"));
+        assert!(eq("sip:a@b;x=1", "sip:a@b;y=2"));
     }
 
     #[test]

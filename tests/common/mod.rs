@@ -53,7 +53,12 @@ pub fn carrier_bin() -> PathBuf {
 /// Starts the carrier with `config` (the text of a TOML file) and waits until it has logged
 /// `listeners` bound addresses.
 pub fn start_carrier(config: &str, listeners: usize) -> Carrier {
-    let dir = tempfile::tempdir().unwrap();
+    start_carrier_in(tempfile::tempdir().unwrap(), config, listeners)
+}
+
+/// Starts the carrier with its config and data folder (`data/`) in `dir`: a data folder that
+/// [`admin`] provisioned, or that an earlier carrier left (restart tests).
+pub fn start_carrier_in(dir: tempfile::TempDir, config: &str, listeners: usize) -> Carrier {
     let path = dir.path().join("carrier.toml");
     std::fs::write(&path, config).unwrap();
     let data = dir.path().join("data");
@@ -62,9 +67,67 @@ pub fn start_carrier(config: &str, listeners: usize) -> Carrier {
     spawn(cmd, listeners, dir)
 }
 
+/// Runs `lifeline-carrier admin ARGS` on the data folder `dir/data` and returns its standard
+/// output; panics with its error output when it fails.
+pub fn admin(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(carrier_bin())
+        .arg("admin")
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(args)
+        .output()
+        .expect("run lifeline-carrier admin");
+    assert!(
+        out.status.success(),
+        "admin {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Provisions an account with one trunk group (username, password) and returns the trunk
+/// group's id.
+pub fn provision_trunk_group(dir: &Path, username: &str, password: &str) -> String {
+    let account = admin(dir, &["account", "add", &format!("acct-{username}")]);
+    admin(
+        dir,
+        &[
+            "trunk-group",
+            "add",
+            "--account",
+            account.trim(),
+            "--name",
+            username,
+            "--username",
+            username,
+            "--password",
+            password,
+        ],
+    )
+    .trim()
+    .to_string()
+}
+
+/// Stops the carrier with SIGTERM (a clean shutdown that writes pending bindings) and waits.
+pub fn terminate(mut carrier: Carrier) -> tempfile::TempDir {
+    let pid = carrier.child.id().to_string();
+    let st = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(st.success());
+    let start = std::time::Instant::now();
+    while carrier.child.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "carrier did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::mem::replace(&mut carrier.dir, dir)
+}
+
 /// Starts the carrier as `cmd` says and waits for `listeners` "listening" lines.
 pub fn spawn(mut cmd: Command, listeners: usize, dir: tempfile::TempDir) -> Carrier {
-    cmd.env("RUST_LOG", "debug")
+    cmd.env("RUST_LOG", "debug,sqlx=warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());

@@ -1,0 +1,641 @@
+//! The registrar (RFC 3261 §10.3): REGISTER for trunk groups, challenged with digest, and this
+//! server's bindings of contacts to trunk groups.
+//!
+//! The address-of-record's user part is the trunk group's SIP username. Bindings live in memory
+//! (the source of truth while running) and are written behind to this server's own SQLite file
+//! ([`BindingStore`]), so they survive a restart without making every REGISTER wait for fsync.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::bindings::{Binding, BindingFlow, BindingStore};
+use super::customers::Customers;
+use super::store::{TrunkGroup, TrunkGroupId};
+use crate::sip::digest::{Algorithm, Authenticator, Credentials, DigestError};
+use crate::sip::message::{Header, HeaderName, Message};
+use crate::sip::transport::{ConnId, Flow};
+use crate::sip::uri::{NameAddr, SipUri, Uri};
+
+/// Registrar settings (keys of the `[carrier]` table).
+#[derive(Debug, Clone)]
+pub struct RegistrarConfig {
+    /// The digest realm; the stored HA1 values were computed for it.
+    pub realm: String,
+    /// Expiry granted when the REGISTER names none.
+    pub default_expires: u32,
+    /// Shorter requests get 423 Interval Too Brief.
+    pub min_expires: u32,
+    /// Longer requests are granted this.
+    pub max_expires: u32,
+    /// Contacts one trunk group may bind on this server.
+    pub max_contacts: usize,
+    /// Challenge algorithms, most preferred first (RFC 8760 §2.4).
+    pub algorithms: Vec<Algorithm>,
+    /// Failed digest answers from one source address before it is throttled.
+    pub auth_failures_allowed: u32,
+    /// The window in which those failures are counted.
+    pub auth_failure_window: Duration,
+    /// How long a throttled source has every digest answer refused unchecked.
+    pub auth_throttle: Duration,
+}
+
+/// One binding in memory: the stored record, its parsed URI and the live connection.
+#[derive(Debug, Clone)]
+struct Entry {
+    uri: SipUri,
+    binding: Binding,
+    /// The TCP/TLS connection it registered over, while that connection lives.
+    conn: Option<ConnId>,
+}
+
+/// A binding as the delivery side sees it.
+#[derive(Debug, Clone)]
+pub struct Contact {
+    pub uri: SipUri,
+    pub binding: Binding,
+    pub conn: Option<ConnId>,
+}
+
+/// The registrar: bindings of this server, digest state and the failure throttle.
+pub struct Registrar {
+    config: RegistrarConfig,
+    auth: Authenticator,
+    bindings: HashMap<TrunkGroupId, Vec<Entry>>,
+    store: BindingStore,
+    throttle: Throttle,
+}
+
+/// Wall-clock milliseconds since the Unix epoch (binding expiry survives restarts).
+pub fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Registrar {
+    /// A registrar holding the bindings loaded from `store`.
+    pub fn new(
+        config: RegistrarConfig,
+        auth: Authenticator,
+        store: BindingStore,
+        loaded: Vec<Binding>,
+    ) -> Registrar {
+        let mut bindings: HashMap<TrunkGroupId, Vec<Entry>> = HashMap::new();
+        for binding in loaded {
+            let Ok(Uri::Sip(uri)) = Uri::parse(&binding.contact.as_str().into()) else {
+                warn!(contact = %binding.contact, "stored binding with an unusable URI dropped");
+                store.remove(binding.trunk_group, &binding.contact);
+                continue;
+            };
+            bindings
+                .entry(binding.trunk_group)
+                .or_default()
+                .push(Entry {
+                    uri,
+                    binding,
+                    conn: None,
+                });
+        }
+        Registrar {
+            config,
+            auth,
+            bindings,
+            store,
+            throttle: Throttle::default(),
+        }
+    }
+
+    /// The live bindings of a trunk group, highest q first.
+    pub fn contacts(&self, trunk_group: TrunkGroupId, now_ms: i64) -> Vec<Contact> {
+        let mut out: Vec<Contact> = self
+            .bindings
+            .get(&trunk_group)
+            .into_iter()
+            .flatten()
+            .filter(|e| e.binding.expires_at_ms > now_ms)
+            .map(|e| Contact {
+                uri: e.uri.clone(),
+                binding: e.binding.clone(),
+                conn: e.conn,
+            })
+            .collect();
+        out.sort_by_key(|c| std::cmp::Reverse(c.binding.q.unwrap_or(1000)));
+        out
+    }
+
+    /// How many bindings are held.
+    pub fn len(&self) -> usize {
+        self.bindings.values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops expired bindings (memory and file).
+    pub fn expire(&mut self, now_ms: i64) {
+        let store = &self.store;
+        self.bindings.retain(|_, entries| {
+            entries.retain(|e| {
+                let live = e.binding.expires_at_ms > now_ms;
+                if !live {
+                    store.remove(e.binding.trunk_group, &e.binding.contact);
+                }
+                live
+            });
+            !entries.is_empty()
+        });
+    }
+
+    /// Writes everything pending to the bindings file.
+    pub async fn flush(&self) {
+        if let Err(e) = self.store.flush().await {
+            warn!(error = %e, "bindings not written");
+        }
+    }
+
+    /// Answers a REGISTER that arrived over `flow`.
+    pub fn register(
+        &mut self,
+        req: &Message,
+        flow: &Flow,
+        customers: &Customers,
+        wall: SystemTime,
+        now: Instant,
+        to_tag: &str,
+    ) -> Message {
+        let reply = |code: u16, reason: &str| req.response(code, reason, Some(to_tag));
+        let request = match RegisterRequest::parse(req, &self.config) {
+            Ok(r) => r,
+            Err(reason) => return reply(400, reason),
+        };
+
+        // Authentication (RFC 3261 §22): the AOR must be the trunk group the credentials prove.
+        let group = match self.authenticate(req, flow.remote.ip(), customers, wall, now) {
+            Ok(g) => g,
+            Err(Denied::Challenge { stale }) => {
+                let mut r = reply(401, "Unauthorized");
+                for &alg in &self.config.algorithms {
+                    let c = self.auth.challenge(wall, &self.config.realm, alg, stale);
+                    r.push_header(Header::new(HeaderName::WwwAuthenticate, c.to_string()));
+                }
+                return r;
+            }
+            Err(Denied::Forbidden) => return reply(403, "Forbidden"),
+        };
+        // Compared unescaped: `null-%00-null` is the user `null-\0-null` (RFC 4475 §3.1.1.4).
+        if crate::sip::syntax::unescape(&group.username) != request.aor_user.as_bytes() {
+            return reply(
+                403,
+                "Forbidden (the To user is not the authenticated trunk group)",
+            );
+        }
+
+        let now_ms = unix_ms(wall);
+        match self.apply(group.id, &request, req, flow, now_ms) {
+            Ok(()) => {}
+            Err(Refusal::TooBrief) => {
+                let mut r = reply(423, "Interval Too Brief");
+                r.push_header(Header::new(
+                    HeaderName::MinExpires,
+                    self.config.min_expires.to_string(),
+                ));
+                return r;
+            }
+            Err(Refusal::OutOfOrder) => return reply(400, "CSeq out of order for this Call-ID"),
+            Err(Refusal::TooMany) => return reply(403, "Forbidden (too many contacts)"),
+        }
+        let mut r = reply(200, "OK");
+        for c in self.contacts(group.id, now_ms) {
+            let remaining = ((c.binding.expires_at_ms - now_ms + 999) / 1000).max(0);
+            let mut value = format!(
+                "<{}>{};expires={remaining}",
+                c.binding.contact, c.binding.contact_params
+            );
+            if let Some(q) = c.binding.q {
+                value.push_str(&format!(";q={}", format_q(q)));
+            }
+            r.push_header(Header::new(HeaderName::Contact, value));
+        }
+        r
+    }
+
+    fn authenticate<'c>(
+        &mut self,
+        req: &Message,
+        source: IpAddr,
+        customers: &'c Customers,
+        wall: SystemTime,
+        now: Instant,
+    ) -> Result<&'c TrunkGroup, Denied> {
+        let creds = req
+            .headers()
+            .iter()
+            .filter(|h| h.name == HeaderName::Authorization)
+            .filter_map(|h| Credentials::parse(&h.value_str()).ok())
+            .find(|c| c.realm == self.config.realm);
+        let Some(creds) = creds else {
+            // No credentials for our realm (or another scheme, RFC 4475 §3.3.7): challenge.
+            if let Some(h) = req.header(&HeaderName::Authorization)
+                && let Err(e) = Credentials::parse(&h.value_str())
+                && !matches!(e, DigestError::NotDigest { .. })
+            {
+                tracing::debug!(error = %e, "unusable Authorization header");
+            }
+            return Err(Denied::Challenge { stale: false });
+        };
+        if self.throttle.is_blocked(source, now) {
+            return Err(Denied::Forbidden);
+        }
+        let group = customers.trunk_group_by_username(&creds.username);
+        let realm = &self.config.realm;
+        let result = self
+            .auth
+            .verify(wall, &creds, "REGISTER", realm, |user, alg| {
+                group
+                    .filter(|g| g.username == user && g.realm == *realm)
+                    .map(|g| g.ha1(alg).to_string())
+            });
+        match result {
+            Ok(()) => Ok(group.expect("verified credentials have a trunk group")),
+            Err(failure) => match failure.rechallenge() {
+                Some(stale) => Err(Denied::Challenge { stale }),
+                None => {
+                    if self.throttle.failed(source, now, &self.config) {
+                        warn!(
+                            source = %source,
+                            failures = self.config.auth_failures_allowed,
+                            throttle_ms = self.config.auth_throttle.as_millis() as u64,
+                            "digest failures: throttling this source"
+                        );
+                    }
+                    Err(Denied::Forbidden)
+                }
+            },
+        }
+    }
+
+    /// Applies a REGISTER's contacts to a trunk group's bindings, all or nothing.
+    fn apply(
+        &mut self,
+        group: TrunkGroupId,
+        request: &RegisterRequest,
+        req: &Message,
+        flow: &Flow,
+        now_ms: i64,
+    ) -> Result<(), Refusal> {
+        let current = self.bindings.get(&group).cloned().unwrap_or_default();
+        let mut next = current.clone();
+        let call_id = req.call_id();
+        let cseq = req.cseq().seq;
+        if request.star {
+            // `Contact: *` with Expires 0 removes every binding, subject to Call-ID/CSeq order.
+            if current
+                .iter()
+                .any(|e| e.binding.call_id == call_id && e.binding.cseq >= cseq)
+            {
+                return Err(Refusal::OutOfOrder);
+            }
+            next.clear();
+        }
+        for c in &request.contacts {
+            let expires = c.expires.unwrap_or(request.expires);
+            if expires != 0 && expires < self.config.min_expires {
+                return Err(Refusal::TooBrief);
+            }
+            let expires = expires.min(self.config.max_expires);
+            let existing = next.iter().position(|e| e.uri.equivalent(&c.uri));
+            if let Some(i) = existing {
+                let b = &next[i].binding;
+                if b.call_id == call_id && b.cseq >= cseq {
+                    return Err(Refusal::OutOfOrder);
+                }
+                next.remove(i);
+            }
+            if expires == 0 {
+                continue;
+            }
+            next.push(Entry {
+                uri: c.uri.clone(),
+                binding: Binding {
+                    trunk_group: group,
+                    contact: c.uri.to_string(),
+                    contact_params: c.params.clone(),
+                    q: c.q,
+                    expires_at_ms: now_ms + i64::from(expires) * 1000,
+                    call_id: call_id.to_string(),
+                    cseq,
+                    flow: BindingFlow {
+                        transport: flow.transport,
+                        remote: flow.remote,
+                        local: flow.local,
+                    },
+                    user_agent: req
+                        .header(&HeaderName::UserAgent)
+                        .map(|h| h.value_str().into_owned()),
+                    registered_at_ms: now_ms,
+                },
+                conn: flow.conn,
+            });
+        }
+        if next.len() > self.config.max_contacts {
+            return Err(Refusal::TooMany);
+        }
+        // Commit: the file follows behind.
+        for e in &current {
+            if !next.iter().any(|n| n.binding.contact == e.binding.contact) {
+                self.store.remove(group, &e.binding.contact);
+            }
+        }
+        for e in &next {
+            let unchanged = current.iter().any(|c| c.binding == e.binding);
+            if !unchanged {
+                self.store.upsert(e.binding.clone());
+            }
+        }
+        if current.len() != next.len() {
+            info!(
+                trunk_group = group,
+                bindings = next.len(),
+                "bindings changed"
+            );
+        }
+        if next.is_empty() {
+            self.bindings.remove(&group);
+        } else {
+            self.bindings.insert(group, next);
+        }
+        Ok(())
+    }
+}
+
+enum Denied {
+    Challenge { stale: bool },
+    Forbidden,
+}
+
+enum Refusal {
+    TooBrief,
+    OutOfOrder,
+    TooMany,
+}
+
+fn format_q(q: u16) -> String {
+    let s = format!("{}.{:03}", q / 1000, q % 1000);
+    let s = s.trim_end_matches('0');
+    s.trim_end_matches('.').to_string()
+}
+
+/// The parts of a REGISTER the registrar acts on, checked before authentication so that a
+/// malformed request gets 400 rather than a challenge (RFC 4475 §3.1.2.13, §3.3.4).
+struct RegisterRequest {
+    aor_user: String,
+    star: bool,
+    contacts: Vec<RequestedContact>,
+    /// From the Expires header, else the default.
+    expires: u32,
+}
+
+struct RequestedContact {
+    uri: SipUri,
+    /// The header's own parameters other than expires and q, as `;a=b…`.
+    params: String,
+    expires: Option<u32>,
+    q: Option<u16>,
+}
+
+impl RegisterRequest {
+    fn parse(req: &Message, config: &RegistrarConfig) -> Result<RegisterRequest, &'static str> {
+        let aor = match &req.to().uri {
+            Uri::Sip(u) => u,
+            _ => return Err("Bad Request (the address-of-record must be a sip: or sips: URI)"),
+        };
+        let aor_user = aor
+            .user
+            .as_deref()
+            .ok_or("Bad Request (the address-of-record has no user part)")?;
+        let aor_user = String::from_utf8(crate::sip::syntax::unescape(aor_user))
+            .map_err(|_| "Bad Request (the address-of-record user is not UTF-8)")?;
+        let expires = match req.header(&HeaderName::Expires) {
+            None => config.default_expires,
+            Some(h) => parse_delta(&h.value_str()).ok_or("Bad Request (Expires)")?,
+        };
+        let values = req
+            .header_values(&HeaderName::Contact)
+            .map_err(|_| "Bad Request (Contact)")?;
+        let star = values.iter().any(|v| &v[..] == "*");
+        if star && (values.len() != 1 || expires != 0) {
+            return Err("Bad Request (Contact: * needs Expires: 0 and no other contact)");
+        }
+        let mut contacts = Vec::new();
+        for v in values.iter().filter(|v| &v[..] != "*") {
+            let na = NameAddr::parse(v).map_err(|_| "Bad Request (Contact)")?;
+            contacts.push(RequestedContact::from_name_addr(na)?);
+        }
+        Ok(RegisterRequest {
+            aor_user,
+            star,
+            contacts,
+            expires,
+        })
+    }
+}
+
+impl RequestedContact {
+    fn from_name_addr(na: NameAddr) -> Result<RequestedContact, &'static str> {
+        let Uri::Sip(uri) = na.uri else {
+            return Err("Bad Request (a Contact must be a sip: or sips: URI)");
+        };
+        let mut expires = None;
+        let mut q = None;
+        let mut params = String::new();
+        for p in &na.params.0 {
+            if p.name.eq_ignore_ascii_case("expires") {
+                expires = Some(
+                    p.value
+                        .as_deref()
+                        .and_then(parse_delta)
+                        .ok_or("Bad Request (Contact expires)")?,
+                );
+            } else if p.name.eq_ignore_ascii_case("q") {
+                q = Some(
+                    p.value
+                        .as_deref()
+                        .and_then(parse_q)
+                        .ok_or("Bad Request (Contact q)")?,
+                );
+            } else {
+                params.push(';');
+                params.push_str(&p.name);
+                if let Some(v) = &p.value {
+                    params.push('=');
+                    params.push_str(v);
+                }
+            }
+        }
+        Ok(RequestedContact {
+            uri,
+            params,
+            expires,
+            q,
+        })
+    }
+}
+
+/// delta-seconds; values past 2³²−1 saturate (RFC 3261 §25.1 allows any length).
+fn parse_delta(s: &str) -> Option<u32> {
+    let s = s.trim();
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(
+        s.parse::<u64>()
+            .map_or(u32::MAX, |v| v.min(u64::from(u32::MAX)) as u32),
+    )
+}
+
+/// q-value: 0 to 1 with up to three decimals, as thousandths.
+fn parse_q(s: &str) -> Option<u16> {
+    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+    if frac.len() > 3 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let frac_val = format!("{frac:0<3}").parse::<u16>().ok()?;
+    match int {
+        "0" => Some(frac_val),
+        "1" if frac_val == 0 => Some(1000),
+        _ => None,
+    }
+}
+
+// === Throttling digest failures ===
+
+/// Counts digest failures per source address. A source that fails too often has its answers
+/// refused unchecked for a while, so a password cannot be guessed at line rate; other sources,
+/// including the trunk group's own PBX, are unaffected.
+#[derive(Default)]
+struct Throttle {
+    sources: HashMap<IpAddr, SourceFailures>,
+}
+
+struct SourceFailures {
+    window_start: Instant,
+    failures: u32,
+    blocked_until: Option<Instant>,
+    refused: u64,
+}
+
+/// More sources than this are not tracked (old entries are dropped first).
+const MAX_TRACKED_SOURCES: usize = 100_000;
+
+impl Throttle {
+    fn is_blocked(&mut self, source: IpAddr, now: Instant) -> bool {
+        let Some(s) = self.sources.get_mut(&source) else {
+            return false;
+        };
+        match s.blocked_until {
+            Some(until) if now < until => {
+                s.refused += 1;
+                true
+            }
+            Some(_) => {
+                if s.refused > 0 {
+                    info!(source = %source, refused = s.refused, "digest throttle lifted");
+                }
+                self.sources.remove(&source);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Records a failure; true when this one starts a throttle (log it once per burst).
+    fn failed(&mut self, source: IpAddr, now: Instant, config: &RegistrarConfig) -> bool {
+        if self.sources.len() >= MAX_TRACKED_SOURCES {
+            self.sources.retain(|_, s| {
+                s.blocked_until.is_some_and(|u| u > now)
+                    || now.duration_since(s.window_start) < config.auth_failure_window
+            });
+        }
+        let s = self.sources.entry(source).or_insert(SourceFailures {
+            window_start: now,
+            failures: 0,
+            blocked_until: None,
+            refused: 0,
+        });
+        if now.duration_since(s.window_start) >= config.auth_failure_window {
+            s.window_start = now;
+            s.failures = 0;
+        }
+        s.failures += 1;
+        if s.failures >= config.auth_failures_allowed && s.blocked_until.is_none() {
+            s.blocked_until = Some(now + config.auth_throttle);
+            return true;
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q_values() {
+        assert_eq!(parse_q("0.5"), Some(500));
+        assert_eq!(parse_q("1"), Some(1000));
+        assert_eq!(parse_q("1.000"), Some(1000));
+        assert_eq!(parse_q("0.125"), Some(125));
+        assert_eq!(parse_q("1.5"), None);
+        assert_eq!(parse_q("0.1234"), None);
+        assert_eq!(format_q(500), "0.5");
+        assert_eq!(format_q(1000), "1");
+        assert_eq!(format_q(125), "0.125");
+    }
+
+    #[test]
+    fn delta_seconds_saturate() {
+        assert_eq!(parse_delta("3600"), Some(3600));
+        assert_eq!(parse_delta("1".repeat(100).as_str()), Some(u32::MAX));
+        assert_eq!(parse_delta("-1"), None);
+    }
+
+    #[test]
+    fn throttle_counts_per_source_in_a_window() {
+        let config = RegistrarConfig {
+            realm: "r".into(),
+            default_expires: 3600,
+            min_expires: 60,
+            max_expires: 7200,
+            max_contacts: 10,
+            algorithms: vec![Algorithm::Md5],
+            auth_failures_allowed: 3,
+            auth_failure_window: Duration::from_secs(60),
+            auth_throttle: Duration::from_secs(30),
+        };
+        let mut t = Throttle::default();
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let now = Instant::now();
+        assert!(!t.failed(a, now, &config));
+        assert!(!t.failed(a, now, &config));
+        assert!(
+            t.failed(a, now, &config),
+            "the third failure starts the throttle"
+        );
+        assert!(!t.failed(a, now, &config), "logged once per burst");
+        assert!(t.is_blocked(a, now + Duration::from_secs(10)));
+        assert!(!t.is_blocked(b, now), "other sources are not affected");
+        assert!(
+            !t.is_blocked(a, now + Duration::from_secs(31)),
+            "the throttle ends"
+        );
+        // Failures spread beyond the window never add up to a throttle.
+        for i in 0..10 {
+            assert!(!t.failed(b, now + Duration::from_secs(61 * i), &config));
+        }
+    }
+}
