@@ -1259,6 +1259,13 @@ pub enum Frame {
     Message { len: usize },
 }
 
+fn incomplete(buf: &[u8]) -> Result<Frame, SyntaxError> {
+    if buf.len() > MAX_MESSAGE {
+        return Err("headers too large");
+    }
+    Ok(Frame::Incomplete)
+}
+
 /// Finds the next message in a stream buffer: the end of the headers, then Content-Length
 /// (0 when absent, as streams require it). Errors mean the stream can no longer be framed and
 /// the connection must be closed.
@@ -1271,18 +1278,40 @@ pub fn stream_frame(buf: &[u8]) -> Result<Frame, SyntaxError> {
         let ping = buf[..lead].windows(4).any(|w| w == b"\r\n\r\n");
         return Ok(Frame::KeepAlive { len: lead, ping });
     }
-    let Some(head_end) = memchr::memmem::find(buf, b"\r\n\r\n") else {
-        if buf.len() > MAX_MESSAGE {
-            return Err("headers too large");
-        }
-        return Ok(Frame::Incomplete);
-    };
-    let body_start = head_end + 4;
+    // Walk the head line by line as the parser does (CRLF or bare LF, folded lines), so the
+    // frame boundaries and Content-Length agree with what `Message::parse` will read.
     let mut length = None;
-    let mut at = memchr::memchr(b'\n', buf).map_or(head_end, |p| p + 1);
-    while at < body_start - 2 {
-        let end = memchr::memchr(b'\n', &buf[at..]).map_or(body_start, |p| at + p + 1);
-        let line = &buf[at..end];
+    let mut at = match memchr::memchr(b'\n', buf) {
+        Some(p) => p + 1,
+        None => return incomplete(buf),
+    };
+    let body_start = loop {
+        let Some(nl) = memchr::memchr(b'\n', &buf[at..]).map(|p| at + p) else {
+            return incomplete(buf);
+        };
+        let line_end = if nl > at && buf[nl - 1] == b'\r' {
+            nl - 1
+        } else {
+            nl
+        };
+        if line_end == at {
+            break nl + 1;
+        }
+        // The header goes on while the next line starts with SP or HTAB.
+        let mut next = nl + 1;
+        let mut value_end = line_end;
+        while next < buf.len() && matches!(buf[next], b' ' | b'\t') {
+            let Some(nl2) = memchr::memchr(b'\n', &buf[next..]).map(|p| next + p) else {
+                return incomplete(buf);
+            };
+            value_end = nl2;
+            next = nl2 + 1;
+        }
+        if next >= buf.len() {
+            // A fold may still follow: wait for the next line's first byte.
+            return incomplete(buf);
+        }
+        let line = &buf[at..value_end];
         if let Some(colon) = memchr::memchr(b':', line) {
             let name = trim_end_ws(&line[..colon]);
             if name.eq_ignore_ascii_case(b"content-length") || name.eq_ignore_ascii_case(b"l") {
@@ -1299,8 +1328,8 @@ pub fn stream_frame(buf: &[u8]) -> Result<Frame, SyntaxError> {
                 }
             }
         }
-        at = end;
-    }
+        at = next;
+    };
     let len = body_start + length.unwrap_or(0);
     if len > MAX_MESSAGE {
         return Err("message too large");
@@ -1389,6 +1418,16 @@ Content-Length: 4\r\n\r\nv=0\n";
             Ok(Frame::KeepAlive { len: 4, ping: true })
         );
         assert!(stream_frame(b"INVITE x SIP/2.0\r\nl: -1\r\n\r\n").is_err());
+        // Found by fuzzing: a folded Content-Length, and LF-only heads with CRLFs in the body.
+        let folded = b"OPTIONS x SIP/2.0\r\nContent-Length:\r\n 4\r\n\r\nabcdNEXT";
+        assert_eq!(
+            stream_frame(folded),
+            Ok(Frame::Message {
+                len: folded.len() - 4
+            })
+        );
+        let lf = b"OPTIONS x SIP/2.0\nl: 6\n\nab\r\n\r\nNEXT";
+        assert_eq!(stream_frame(lf), Ok(Frame::Message { len: lf.len() - 4 }));
     }
 
     #[test]
