@@ -259,9 +259,11 @@ impl Registrar {
                     .filter(|g| g.username == user && g.realm == *realm)
                     .map(|g| g.ha1(alg).to_string())
             });
-        match result {
-            Ok(()) => Ok(group.expect("verified credentials have a trunk group")),
-            Err(failure) => match failure.rechallenge() {
+        match (result, group) {
+            (Ok(()), Some(group)) => Ok(group),
+            // Unreachable (verify needs an HA1 from the group), but never worth a panic.
+            (Ok(()), None) => Err(Denied::Forbidden),
+            (Err(failure), _) => match failure.rechallenge() {
                 Some(stale) => Err(Denied::Challenge { stale }),
                 None => {
                     if self.throttle.failed(source, now, &self.config) {

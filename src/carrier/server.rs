@@ -247,7 +247,9 @@ impl Service {
             r.push_header(Header::new(HeaderName::Server, SERVER));
             r
         };
-        let uri = req.uri().expect("requests have a Request-URI");
+        let Some(uri) = req.uri() else {
+            return reply(400, "Bad Request");
+        };
         // RFC 3261 §8.2.2.1 / §16.3 step 1: only URIs this element can route.
         // A URI without a user part addresses the server itself: it never relays to other
         // hosts, only delivers users (DIDs).
