@@ -1132,6 +1132,15 @@ fn index_headers(buf: &Bytes, mut at: usize) -> Result<(Vec<Header>, usize), Syn
             next = n;
         }
         let line = &buf[at..value_end];
+        let whole = &buf[at..next];
+        // A CR is only ever half of a line end: a bare one cannot be written back faithfully.
+        if whole
+            .iter()
+            .enumerate()
+            .any(|(i, &b)| b == b'\r' && whole.get(i + 1) != Some(&b'\n'))
+        {
+            return Err("bare CR in a header line");
+        }
         let colon = memchr::memchr(b':', line).ok_or("header line without ':'")?;
         let name = trim_end_ws(&line[..colon]);
         if name.is_empty() || !name.iter().all(|&b| is_token(b)) {
@@ -1141,12 +1150,11 @@ fn index_headers(buf: &Bytes, mut at: usize) -> Result<(Vec<Header>, usize), Syn
         let value = trim_lws_bytes(&line[colon + 1..]);
         // Kept byte-exact only when its line ends are CRLF: a line cut off at the end of a
         // datagram, or ended by a bare LF, is written anew so the output frames on streams.
-        let raw = &buf[at..next];
-        let crlf_only = raw.ends_with(b"\r\n")
-            && raw
+        let crlf_only = whole.ends_with(b"\r\n")
+            && whole
                 .iter()
                 .enumerate()
-                .all(|(i, &b)| b != b'\n' || (i > 0 && raw[i - 1] == b'\r'));
+                .all(|(i, &b)| b != b'\n' || (i > 0 && whole[i - 1] == b'\r'));
         headers.push(Header {
             name: HeaderName::parse(&name),
             value: buf.slice_ref(value),
@@ -1418,6 +1426,12 @@ Content-Length: 4\r\n\r\nv=0\n";
             Ok(Frame::KeepAlive { len: 4, ping: true })
         );
         assert!(stream_frame(b"INVITE x SIP/2.0\r\nl: -1\r\n\r\n").is_err());
+        // Found by fuzzing: a bare CR inside a header value is refused, not rewritten.
+        let bare_cr = ASTERISK_INVITE.replace("User-Agent: FPBX", "User-Agent: F\rPBX");
+        assert_eq!(
+            Message::parse(Bytes::from(bare_cr)).unwrap_err().reason,
+            "bare CR in a header line"
+        );
         // Found by fuzzing: a folded Content-Length, and LF-only heads with CRLFs in the body.
         let folded = b"OPTIONS x SIP/2.0\r\nContent-Length:\r\n 4\r\n\r\nabcdNEXT";
         assert_eq!(
