@@ -7,6 +7,7 @@ pub mod bindings;
 pub mod cli;
 pub mod config;
 pub mod customers;
+pub mod delivery_rule;
 pub mod registrar;
 pub mod server;
 pub mod store;
