@@ -37,15 +37,12 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use sqlx::Sqlite;
-use sqlx::sqlite::{
-    SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteArguments, SqlitePool, SqlitePoolOptions};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
 use tracing::{info, warn};
 
-use super::store::{BUSY_TIMEOUT, TrunkGroupId};
+use super::store::{TrunkGroupId, create_private, sqlite_options};
 use crate::sip::transport::Transport;
 
 /// The database file inside the data folder.
@@ -230,12 +227,7 @@ impl BindingStore {
             path: path.clone(),
             source,
         })?;
-        let options = SqliteConnectOptions::new()
-            .filename(&path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(BUSY_TIMEOUT);
+        let options = sqlite_options(&path);
         // One writer, one connection: the writer's transactions never wait for each other.
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
@@ -571,23 +563,11 @@ impl Row {
     }
 }
 
-/// Creates an empty database file readable by its owner only (as the configuration store
-/// does; SQLite gives the WAL files the same mode). An existing file is left as it is.
-fn create_private(path: &Path) -> std::io::Result<()> {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    match options.open(path) {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::carrier::store::BUSY_TIMEOUT;
+    use sqlx::sqlite::SqliteConnectOptions;
     use sqlx::{ConnectOptions, Connection, SqliteConnection};
 
     const TICK: Duration = Duration::from_millis(20);

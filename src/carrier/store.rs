@@ -369,7 +369,7 @@ macro_rules! select_trunk_groups {
 /// Creates an empty database file readable by its owner only (HA1 values are as good as the
 /// passwords within their realm; SQLite gives the WAL files the same mode). An existing file
 /// is left as it is, mode included.
-fn create_private(path: &Path) -> std::io::Result<()> {
+pub(crate) fn create_private(path: &Path) -> std::io::Result<()> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
@@ -379,6 +379,18 @@ fn create_private(path: &Path) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// How every SQLite file of the carrier is opened: WAL (readers never wait for the writer),
+/// `synchronous=NORMAL` (a power cut may lose the last transactions, never consistency), and a
+/// busy timeout so the admin command and a running server can share a file.
+pub(crate) fn sqlite_options(path: &Path) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(BUSY_TIMEOUT)
 }
 
 /// The embedded store. Cheap to clone: clones share one connection pool.
@@ -401,12 +413,7 @@ impl Store {
             path: path.clone(),
             source,
         })?;
-        let options = SqliteConnectOptions::new()
-            .filename(&path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(BUSY_TIMEOUT)
+        let options = sqlite_options(&path)
             .foreign_keys(true)
             // Overwrite deleted content, so replaced HA1 values do not linger in free pages.
             .pragma("secure_delete", "ON");
