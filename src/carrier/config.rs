@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::delivery_rule::{DeliveryConfig, FailoverSet};
+use super::proxy::{Cidr, ProxyConfig};
 use super::registrar::RegistrarConfig;
 use crate::sip::digest::Algorithm;
 use crate::sip::transaction::TimerConfig;
@@ -97,6 +99,18 @@ pub struct CarrierConfig {
     pub config_poll_ms: u64,
     /// Bindings reach this server's bindings file at most this long after they change.
     pub bindings_flush_ms: u64,
+    /// Addresses or CIDR blocks (`"192.0.2.7"`, `"192.0.2.0/24"`, `"2001:db8::/32"`) from which
+    /// initial requests (new calls) are accepted: the PSTN side. Others get 403.
+    pub upstream: Vec<String>,
+    /// A delivery target that answers nothing at all within this has failed.
+    pub delivery_timer_ms: u64,
+    /// A target that sent only 100 Trying, then neither ringing nor a final answer within this,
+    /// has failed.
+    pub setup_timer_ms: u64,
+    /// RFC 3261 Timer C: how long a ringing target may go without a further answer.
+    pub timer_c_ms: u64,
+    /// Final statuses from a target that mean "not delivered, try the next one".
+    pub failover_responses: Vec<u16>,
 }
 
 impl Default for CarrierConfig {
@@ -125,6 +139,11 @@ impl Default for CarrierConfig {
             auth_throttle_ms: 60_000,
             config_poll_ms: 500,
             bindings_flush_ms: 200,
+            upstream: Vec::new(),
+            delivery_timer_ms: 2000,
+            setup_timer_ms: 10_000,
+            timer_c_ms: 180_000,
+            failover_responses: FailoverSet::DEFAULT_CODES.to_vec(),
         }
     }
 }
@@ -137,6 +156,7 @@ pub struct Settings {
     pub timers: TimerConfig,
     pub transport: TransportOptions,
     pub registrar: RegistrarConfig,
+    pub proxy: ProxyConfig,
 }
 
 impl CarrierConfig {
@@ -263,6 +283,33 @@ impl CarrierConfig {
             t4: Duration::from_millis(self.t4_ms),
             timer_d: Duration::from_millis(self.timer_d_ms),
         };
+        for (key, v) in [
+            ("delivery_timer_ms", self.delivery_timer_ms),
+            ("setup_timer_ms", self.setup_timer_ms),
+            ("timer_c_ms", self.timer_c_ms),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be greater than 0".into()));
+            }
+        }
+        let upstream = self
+            .upstream
+            .iter()
+            .map(|s| s.parse::<Cidr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid("upstream", e))?;
+        let failover_set = FailoverSet::new(&self.failover_responses)
+            .map_err(|e| invalid("failover_responses", e.to_string()))?;
+        let proxy = ProxyConfig {
+            upstream,
+            delivery: DeliveryConfig {
+                delivery_timer: Duration::from_millis(self.delivery_timer_ms),
+                setup_timer: Duration::from_millis(self.setup_timer_ms),
+                timer_c: Duration::from_millis(self.timer_c_ms),
+                failover_set,
+                ..DeliveryConfig::default()
+            },
+        };
         let transport = TransportOptions {
             stream_idle_timeout: Duration::from_millis(self.stream_idle_timeout_ms),
             ..TransportOptions::default()
@@ -273,6 +320,7 @@ impl CarrierConfig {
             timers,
             transport,
             registrar,
+            proxy,
         })
     }
 }
@@ -317,6 +365,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("t1_ms"), "{e}");
+    }
+
+    #[test]
+    fn proxy_keys_are_checked() {
+        let s = parse(
+            "[carrier]\nupstream = [\"127.0.0.14\", \"10.0.0.0/8\", \"2001:db8::/32\"]\n\
+             delivery_timer_ms = 300\nfailover_responses = [503]\n",
+        )
+        .unwrap();
+        assert!(s.proxy.is_upstream("10.9.8.7".parse().unwrap()));
+        assert!(s.proxy.is_upstream("127.0.0.14".parse().unwrap()));
+        assert!(!s.proxy.is_upstream("127.0.0.15".parse().unwrap()));
+        assert_eq!(s.proxy.delivery.delivery_timer, Duration::from_millis(300));
+        assert!(s.proxy.delivery.failover_set.contains(503));
+        assert!(!s.proxy.delivery.failover_set.contains(480));
+        let e = parse("[carrier]\nupstream = [\"10.0.0.0/40\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("upstream"), "{e}");
+        let e = parse("[carrier]\nfailover_responses = [180]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("failover_responses"), "{e}");
+        let e = parse("[carrier]\ntimer_c_ms = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("timer_c_ms"), "{e}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod customers;
 pub mod delivery_rule;
+pub mod proxy;
 pub mod registrar;
 pub mod server;
 pub mod store;

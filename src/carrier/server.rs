@@ -1,7 +1,7 @@
 //! The carrier's SIP service: receives from the transports, runs server transactions, and
 //! answers what the SIP core answers itself (RFC 3261 §8.2 and §16.3 checks, OPTIONS to the
-//! server), hands REGISTER to the registrar, and routes requests for a user part (until the
-//! delivery proxy exists, no user is found: 404).
+//! server), hands REGISTER to the registrar, and hands requests for a user part (a DID) and
+//! in-dialog requests routed through this server to the delivery proxy ([`super::proxy`]).
 //!
 //! One task owns the transaction table (a pure state machine): it is fed received messages and
 //! timeouts, and what it wants sent is handed to the transports.
@@ -24,11 +24,12 @@ use tokio::sync::watch;
 use super::bindings::BindingStore;
 use super::config::Settings;
 use super::customers::{Customers, watch_customers};
+use super::proxy::{NewCall, Proxy, routed_through_us};
 use super::registrar::{Registrar, unix_ms};
 use super::store::{Store, StoreError};
 use crate::sip::digest::Authenticator;
 use crate::sip::message::{Header, HeaderName, Message, Method, ParseError};
-use crate::sip::transaction::{RequestDisposition, Transactions};
+use crate::sip::transaction::{Event, RequestDisposition, ServerId, Transactions};
 use crate::sip::transport::{
     Flow, ListenSpec, Received, SipTransport, Transport, log_bound, tls_server_config,
 };
@@ -118,6 +119,8 @@ pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
         transactions: Transactions::new(settings.timers.clone()),
         registrar,
         customers,
+        proxy: Proxy::new(settings.proxy.clone()),
+        name: settings.raw.name.clone(),
     };
     let (stop, stopped) = oneshot::channel();
     let task = tokio::spawn(service.run(incoming, stopped));
@@ -129,6 +132,9 @@ struct Service {
     transactions: Transactions<Flow>,
     registrar: Registrar,
     customers: watch::Receiver<Arc<Customers>>,
+    proxy: Proxy,
+    /// This trunk server's name.
+    name: String,
 }
 
 impl Service {
@@ -141,6 +147,7 @@ impl Service {
         expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = self.transactions.poll_timeout();
+            let delivery_deadline = self.proxy.poll_timeout();
             tokio::select! {
                 _ = &mut stop => break,
                 received = incoming.recv() => match received {
@@ -148,6 +155,9 @@ impl Service {
                     None => break,
                 },
                 _ = sleep_until(deadline) => self.transactions.handle_timeout(Instant::now()),
+                _ = sleep_until(delivery_deadline) => {
+                    self.proxy.handle_timeout(Instant::now(), &mut self.transactions)
+                }
                 _ = expiry.tick() => self.registrar.expire(unix_ms(SystemTime::now())),
             }
             self.flush();
@@ -158,10 +168,21 @@ impl Service {
 
     /// Hands everything the transactions want sent to the transports.
     fn flush(&mut self) {
+        // Timeouts and transport errors of the proxy's client transactions drive its calls,
+        // which may start transactions of their own: loop until quiet.
+        while let Some(event) = self.transactions.poll_event() {
+            if let Event::Client(id, ev) = event {
+                self.proxy
+                    .on_client_event(Instant::now(), &mut self.transactions, id, ev);
+            }
+        }
+        self.proxy.tidy(&self.transactions);
         while let Some((flow, bytes)) = self.transactions.poll_transmit() {
             self.send(flow, bytes);
         }
-        while self.transactions.poll_event().is_some() {}
+        while let Some((flow, bytes)) = self.proxy.poll_transmit() {
+            self.send(flow, bytes);
+        }
     }
 
     fn send(&self, flow: Flow, bytes: Bytes) {
@@ -175,13 +196,17 @@ impl Service {
         match received.message {
             Ok(msg) if msg.is_request() => self.on_request(msg, flow),
             Ok(msg) => {
-                if self
-                    .transactions
-                    .handle_response(Instant::now(), &msg)
-                    .is_none()
-                {
+                let now = Instant::now();
+                match self.transactions.handle_response(now, &msg) {
+                    Some((id, Some(event))) => {
+                        self.proxy
+                            .on_client_event(now, &mut self.transactions, id, event);
+                    }
+                    Some((_, None)) => {}
                     // RFC 3261 §18.1.2: a response matching no transaction is dropped.
-                    debug!(call_id = %msg.call_id(), status = ?msg.status(), "stray response dropped");
+                    None => {
+                        debug!(call_id = %msg.call_id(), status = ?msg.status(), "stray response dropped")
+                    }
                 }
             }
             Err(e) => self.on_unparseable(e, flow),
@@ -225,30 +250,62 @@ impl Service {
         let now = Instant::now();
         let reliable = flow.transport.is_stream();
         let dest = response_flow(msg.top_via(), flow);
+        let in_dialog = msg.to().tag().is_some() && routed_through_us(&msg, self.transport.bound());
         let id = match self.transactions.handle_request(now, &msg, dest, reliable) {
             RequestDisposition::New(id) => id,
             // Retransmissions and ACKs for our own non-2xx answers end in the transaction layer.
             RequestDisposition::Absorbed => return,
             RequestDisposition::Ack => {
-                debug!(call_id = %msg.call_id(), "ACK outside any transaction dropped");
+                if in_dialog {
+                    // The ACK of a 2xx is end to end: forwarded statelessly (RFC 3261 §16.11).
+                    let bound = self.transport.bound().to_vec();
+                    self.proxy.forward_in_dialog(
+                        now,
+                        &mut self.transactions,
+                        None,
+                        &msg,
+                        flow,
+                        &bound,
+                    );
+                } else {
+                    debug!(call_id = %msg.call_id(), "ACK outside any transaction dropped");
+                }
                 return;
             }
         };
-        let answer = self.answer(&msg, &flow);
+        if in_dialog && *msg.method() != Method::Cancel {
+            let bound = self.transport.bound().to_vec();
+            if let Some(answer) = self.proxy.forward_in_dialog(
+                now,
+                &mut self.transactions,
+                Some(id),
+                &msg,
+                flow,
+                &bound,
+            ) && let Err(e) = self.transactions.respond(id, now, answer)
+            {
+                debug!(call_id = %msg.call_id(), error = %e, "answer not sent");
+            }
+            return;
+        }
+        let Some(answer) = self.answer(&msg, &flow, id) else {
+            // The proxy took the request and answers through its transaction.
+            return;
+        };
         if let Err(e) = self.transactions.respond(id, now, answer) {
             debug!(call_id = %msg.call_id(), error = %e, "answer not sent");
         }
     }
 
-    /// The SIP core's own answer to a new request.
-    fn answer(&mut self, req: &Message, flow: &Flow) -> Message {
+    /// The SIP core's own answer to a new request; `None` when the proxy took it.
+    fn answer(&mut self, req: &Message, flow: &Flow, id: ServerId) -> Option<Message> {
         let reply = |code: u16, reason: &str| {
             let mut r = req.response(code, reason, Some(&new_tag()));
             r.push_header(Header::new(HeaderName::Server, SERVER));
             r
         };
         let Some(uri) = req.uri() else {
-            return reply(400, "Bad Request");
+            return Some(reply(400, "Bad Request"));
         };
         // RFC 3261 §8.2.2.1 / §16.3 step 1: only URIs this element can route.
         // A URI without a user part addresses the server itself: it never relays to other
@@ -257,10 +314,20 @@ impl Service {
             // Some PBXs put their own user in a REGISTER's Request-URI: still for us.
             Uri::Sip(u) => u.user.is_none() || *req.method() == Method::Register,
             Uri::Tel(_) => false,
-            Uri::Other { .. } => return reply(416, "Unsupported URI Scheme"),
+            Uri::Other { .. } => return Some(reply(416, "Unsupported URI Scheme")),
         };
         if *req.method() == Method::Cancel {
-            return match self.transactions.find_invite_for_cancel(req) {
+            return Some(match self.transactions.find_invite_for_cancel(req) {
+                Some(invite) if self.proxy.has_call(invite) => {
+                    // RFC 3261 §16.10: the CANCEL gets its 200 (first), the branch its CANCEL
+                    // and the caller 487 (the delivery decides both).
+                    let now = Instant::now();
+                    if let Err(e) = self.transactions.respond(id, now, reply(200, "OK")) {
+                        debug!(call_id = %req.call_id(), error = %e, "answer not sent");
+                    }
+                    self.proxy.cancel(now, &mut self.transactions, invite);
+                    return None;
+                }
                 Some(invite) => {
                     if let Some(invite_req) = self.transactions.server_request(invite) {
                         let terminated =
@@ -273,12 +340,12 @@ impl Service {
                     reply(200, "OK")
                 }
                 None => reply(481, "Call/Transaction Does Not Exist"),
-            };
+            });
         }
         if local {
-            self.answer_local(req, flow, reply)
+            Some(self.answer_local(req, flow, reply))
         } else {
-            self.answer_routed(req, reply)
+            self.answer_routed(req, flow, id, reply)
         }
     }
 
@@ -335,10 +402,17 @@ impl Service {
         }
     }
 
-    /// The request is for a user: the proxy role (RFC 3261 §16.3).
-    fn answer_routed(&self, req: &Message, reply: impl Fn(u16, &str) -> Message) -> Message {
+    /// The request is for a user: the proxy role (RFC 3261 §16.3). An initial INVITE from the
+    /// upstream for a known DID goes to the proxy (`None`: it answers).
+    fn answer_routed(
+        &mut self,
+        req: &Message,
+        flow: &Flow,
+        id: ServerId,
+        reply: impl Fn(u16, &str) -> Message,
+    ) -> Option<Message> {
         if req.max_forwards() == Some(0) {
-            return reply(483, "Too Many Hops");
+            return Some(reply(483, "Too Many Hops"));
         }
         let proxy_require = req.header_tokens(&HeaderName::ProxyRequire);
         if !proxy_require.is_empty() {
@@ -347,10 +421,77 @@ impl Service {
                 HeaderName::Unsupported,
                 proxy_require.join(", "),
             ));
-            return r;
+            return Some(r);
         }
-        // No location service yet: nobody is registered here.
-        reply(404, "Not Found")
+        let call_id = req.call_id();
+        if req.to().tag().is_some() {
+            // In a dialog, but not routed through this server: no dialog of ours.
+            return Some(reply(481, "Call/Transaction Does Not Exist"));
+        }
+        // The DID: the user part of a SIP URI, or the number of a tel: URI.
+        let user = match req.uri() {
+            Some(Uri::Sip(u)) => u
+                .user_unescaped()
+                .map(|u| String::from_utf8_lossy(&u).into_owned())
+                .unwrap_or_default(),
+            Some(Uri::Tel(t)) => t.number.to_string(),
+            _ => String::new(),
+        };
+        if !self.proxy.config().is_upstream(flow.remote.ip()) {
+            info!(
+                call_id = %call_id,
+                did = %user,
+                source = %flow.remote,
+                method = %req.method(),
+                outcome = "forbidden: not upstream",
+                status = 403,
+                "initial request refused"
+            );
+            return Some(reply(403, "Forbidden"));
+        }
+        let customers = self.customers.borrow().clone();
+        let Some(did) = customers.did(&user) else {
+            info!(
+                call_id = %call_id,
+                did = %user,
+                source = %flow.remote,
+                method = %req.method(),
+                outcome = "unknown DID",
+                status = 404,
+                "initial request refused"
+            );
+            return Some(reply(404, "Not Found"));
+        };
+        if *req.method() != Method::Invite {
+            info!(
+                call_id = %call_id,
+                did = %did.number,
+                method = %req.method(),
+                outcome = "method not delivered",
+                status = 405,
+                "initial request refused"
+            );
+            let mut r = reply(405, "Method Not Allowed");
+            r.push_header(Header::new(HeaderName::Allow, "INVITE, ACK, CANCEL"));
+            return Some(r);
+        }
+        let contacts = self
+            .registrar
+            .contacts(did.trunk_group_id, unix_ms(SystemTime::now()));
+        self.proxy.start_call(
+            Instant::now(),
+            &mut self.transactions,
+            NewCall {
+                server: id,
+                request: req,
+                flow: *flow,
+                did: &did.number,
+                trunk_group: did.trunk_group_id,
+                contacts,
+                server_name: &self.name,
+            },
+        );
+        None
     }
 }
 
