@@ -336,3 +336,79 @@ fn answers_over_tls() {
         String::from_utf8_lossy(&got)
     );
 }
+
+#[test]
+fn a_peer_that_never_reads_loses_its_connection() {
+    let carrier = start_carrier(&config("127.0.41.10"), 2);
+    let addr = carrier.addr("tcp");
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&addr.into()).unwrap();
+    let mut greedy: TcpStream = sock.into();
+    greedy
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // Requests, never reading the answers: the carrier's queue for this peer must not grow
+    // without bound; it closes the connection. Bounded: at most 100 000 requests or 60 s.
+    let start = Instant::now();
+    let mut sent = 0;
+    let closed = loop {
+        let msg = options("127.0.41.10", "TCP x", &format!("g{sent}"));
+        if greedy.write_all(msg.as_bytes()).is_err() {
+            break true;
+        }
+        sent += 1;
+        if sent >= 100_000 || start.elapsed() > Duration::from_secs(60) {
+            break false;
+        }
+    };
+    assert!(closed, "still open after {sent} unread requests");
+    let mut fresh = TcpStream::connect(addr).unwrap();
+    fresh
+        .write_all(options("127.0.41.10", "TCP x", "after").as_bytes())
+        .unwrap();
+    assert_eq!(
+        status_of(read_response(&mut fresh).unwrap().as_bytes()),
+        Some(200)
+    );
+    assert!(
+        carrier.log().contains("peer not reading"),
+        "{}",
+        carrier.log()
+    );
+}
+
+#[test]
+fn a_forged_mid_dialog_request_is_not_relayed() {
+    // Not an open relay: a request with a To tag and a Route naming the carrier is forwarded
+    // only with the dialog token of a call this carrier set up (RFC 3261 §16.4 loose routing).
+    let carrier = start_carrier(&config("127.0.41.11"), 2);
+    let us = carrier.addr("udp");
+    let victim = UdpSocket::bind("127.0.41.12:0").unwrap();
+    let target = victim.local_addr().unwrap();
+    let attacker = UdpSocket::bind("127.0.41.13:0").unwrap();
+    let me = attacker.local_addr().unwrap();
+    for route in [
+        format!("<sip:{us};lr>"),
+        format!("<sip:{us};lr;lld=00112233445566778899aabb>"),
+    ] {
+        let forged = format!(
+            "INVITE sip:+19005551234@{target} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{}\r\nRoute: {route}\r\nMax-Forwards: 70\r\nFrom: <sip:a@x>;tag=1\r\nTo: <sip:+19005551234@x>;tag=fake\r\nCall-ID: relay-{}\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n",
+            route.len(),
+            route.len()
+        );
+        let answer = udp_exchange(&attacker, us, &forged);
+        assert!(
+            status_of(answer.as_bytes()).is_some_and(|c| c >= 400),
+            "{answer}"
+        );
+    }
+    victim
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    assert!(
+        victim.recv_from(&mut buf).is_err(),
+        "the carrier relayed a forged request"
+    );
+}

@@ -450,7 +450,7 @@ fn row01_registered_pbx_answers_and_bye_passes_through() {
         "{pbx_trace}"
     );
     assert!(
-        pbx_trace.contains(&format!("Record-Route: <sip:{ip}:{port};lr>")),
+        pbx_trace.contains(&format!("Record-Route: <sip:{ip}:{port};lr;lld=")),
         "{pbx_trace}"
     );
     assert!(pbx_trace.contains("Max-Forwards: 69"), "{pbx_trace}");

@@ -614,23 +614,25 @@ fn a_burst_of_wrong_passwords_throttles_that_source_only() {
             .answered(status)
     };
 
-    // Five wrong answers from one source: each is refused.
-    let r = try_sipp(&carrier, Transport::Udp, guesser, "guess", &reg(403), 5)
+    // Three wrong answers from one source: each is refused, and the third starts the throttle.
+    let r = try_sipp(&carrier, Transport::Udp, guesser, "guess", &reg(403), 3)
         .unwrap_or_else(|e| panic!("{e}\n==== carrier log ====\n{}", carrier.log()));
     let refused = r
         .responses
         .iter()
         .filter(|m| status_line(m).starts_with("SIP/2.0 403"))
         .count();
-    assert_eq!(refused, 5, "{:#?}", r.responses);
+    assert_eq!(refused, 3, "{:#?}", r.responses);
 
-    // Now even the right password from that source is refused, unchecked.
-    let r = sipp(&carrier, Transport::Udp, guesser, PASSWORD, &reg(403));
+    // Now even the right password from that source is refused, unchecked, with 503 and
+    // Retry-After (a 403 would make a real PBX stop registering for good).
+    let r = sipp(&carrier, Transport::Udp, guesser, PASSWORD, &reg(503));
     assert!(
-        status_line(r.last()).starts_with("SIP/2.0 403"),
+        status_line(r.last()).starts_with("SIP/2.0 503"),
         "{}",
         r.last()
     );
+    assert!(r.last().contains("Retry-After:"), "{}", r.last());
 
     // The trunk group's own PBX, from another address, is not slowed.
     let r = sipp(

@@ -203,6 +203,13 @@ impl CarrierConfig {
             .map(|s| s.parse::<ListenSpec>())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| invalid("sip_listen", e))?;
+        if let Some(l) = listen.iter().find(|l| l.addr.ip().is_unspecified()) {
+            // The address goes into Via and Record-Route: peers must be able to reach it.
+            return Err(invalid(
+                "sip_listen",
+                format!("`{l}`: name the address to listen on, not a wildcard"),
+            ));
+        }
         let has_tls = listen
             .iter()
             .any(|l| l.transport == crate::sip::transport::Transport::Tls);
@@ -355,6 +362,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("sip_listen") && e.contains("sctp"), "{e}");
+        let e = parse("[carrier]\nsip_listen = [\"udp:0.0.0.0:5060\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sip_listen") && e.contains("wildcard"), "{e}");
         let e = parse("[carrier]\nt1_ms = 0\n").unwrap_err().to_string();
         assert!(e.contains("t1_ms"), "{e}");
         let e = parse("[carrier]\nsip_listen = [\"tls:127.0.0.1:5061\"]\n")

@@ -196,6 +196,8 @@ struct Call {
 /// it started.
 pub struct Proxy {
     config: ProxyConfig,
+    /// Key of the dialog tokens in this server's Record-Route (see [`dialog_token`]).
+    dialog_key: [u8; 32],
     calls: HashMap<ServerId, Call>,
     clients: HashMap<ClientId, Role>,
     transmits: VecDeque<(Flow, Bytes)>,
@@ -213,9 +215,10 @@ pub struct NewCall<'a> {
 }
 
 impl Proxy {
-    pub fn new(config: ProxyConfig) -> Proxy {
+    pub fn new(config: ProxyConfig, dialog_key: [u8; 32]) -> Proxy {
         Proxy {
             config,
+            dialog_key,
             calls: HashMap::new(),
             clients: HashMap::new(),
             transmits: VecDeque::new(),
@@ -224,6 +227,11 @@ impl Proxy {
 
     pub fn config(&self) -> &ProxyConfig {
         &self.config
+    }
+
+    /// The key of this server's dialog tokens.
+    pub fn dialog_key(&self) -> &[u8; 32] {
+        &self.dialog_key
     }
 
     /// Whether a call is being delivered for INVITE server transaction `id`.
@@ -415,7 +423,7 @@ impl Proxy {
             match action {
                 Action::StartBranch { branch, target } => match target {
                     Target::Binding(t) | Target::FailoverPbx(t) => {
-                        let req = branch_request(call, &t);
+                        let req = branch_request(call, &t, &self.dialog_key);
                         let target_s = t.to_string();
                         let reliable = t.dest.transport.is_stream();
                         match tx.new_client(now, req, t.dest, reliable) {
@@ -669,7 +677,7 @@ fn relay(now: Instant, tx: &mut Transactions<Flow>, server: ServerId, mut m: Mes
 }
 
 /// The INVITE for one branch (RFC 3261 §16.6).
-fn branch_request(call: &Call, target: &BranchTarget) -> Message {
+fn branch_request(call: &Call, target: &BranchTarget, dialog_key: &[u8; 32]) -> Message {
     let mut m = call.request.clone();
     let mut uri = target.uri.clone();
     uri.user = Some(ByteString::from(call.did.as_str()));
@@ -685,9 +693,13 @@ fn branch_request(call: &Call, target: &BranchTarget) -> Message {
         Transport::Tcp => ";transport=tcp",
         Transport::Tls => ";transport=tls",
     };
+    let token = dialog_token(dialog_key, call.request.call_id());
     m.insert_header_first(Header::new(
         HeaderName::RecordRoute,
-        format!("<sip:{}{transport_param};lr>", host_port(call.flow.local)),
+        format!(
+            "<sip:{}{transport_param};lr;{DIALOG_PARAM}={token}>",
+            host_port(call.flow.local)
+        ),
     ));
     m.push_via(our_via(target.dest.transport, target.dest.local));
     m
@@ -729,12 +741,34 @@ pub fn names_us(uri: &Uri, bound: &[ListenSpec]) -> bool {
     })
 }
 
-/// Whether the request's top Route names this server.
-pub fn routed_through_us(req: &Message, bound: &[ListenSpec]) -> bool {
-    req.name_addrs(&HeaderName::Route)
+/// The Record-Route parameter that carries the dialog token.
+pub const DIALOG_PARAM: &str = "lld";
+
+/// A dialog token: an HMAC of the Call-ID under this server's key. It goes into the
+/// Record-Route of every call this server delivers; an in-dialog request is forwarded only when
+/// its top Route carries the token of its own Call-ID. Without it, anyone could have the
+/// carrier relay a "mid-dialog" INVITE to any address (an open relay, toll fraud).
+pub fn dialog_token(key: &[u8; 32], call_id: &str) -> String {
+    let mac = crate::sip::digest::hmac_sha256(key, &[b"lifeline dialog", call_id.as_bytes()]);
+    hex::encode(&mac[..12])
+}
+
+/// Whether the request's top Route names this server and carries the dialog token of the
+/// request's Call-ID: the dialog was set up through this server.
+pub fn routed_through_us(req: &Message, bound: &[ListenSpec], key: &[u8; 32]) -> bool {
+    let Some(top) = req
+        .name_addrs(&HeaderName::Route)
         .ok()
         .and_then(|r| r.into_iter().next())
-        .is_some_and(|n| names_us(&n.uri, bound))
+    else {
+        return false;
+    };
+    let token = top.uri.as_sip().and_then(|u| u.params.value(DIALOG_PARAM));
+    names_us(&top.uri, bound)
+        && token.is_some_and(|t| {
+            let want = dialog_token(key, req.call_id());
+            bool::from(subtle::ConstantTimeEq::ct_eq(t.as_bytes(), want.as_bytes()))
+        })
 }
 
 /// A copy of `m` with another status code (503 passed on as 500, RFC 3261 §16.7 step 6).

@@ -178,13 +178,25 @@ impl Registrar {
             Ok(g) => g,
             Err(Denied::Challenge { stale }) => {
                 let mut r = reply(401, "Unauthorized");
+                let scope = scope_of(flow.remote.ip());
                 for &alg in &self.config.algorithms {
-                    let c = self.auth.challenge(wall, &self.config.realm, alg, stale);
+                    let c =
+                        self.auth
+                            .challenge_scoped(wall, &self.config.realm, alg, stale, &scope);
                     r.push_header(Header::new(HeaderName::WwwAuthenticate, c.to_string()));
                 }
                 return r;
             }
             Err(Denied::Forbidden) => return reply(403, "Forbidden"),
+            // 503, not 403: a PBX told 403 may stop registering for good (chan_pjsip does).
+            Err(Denied::Throttled { retry_after }) => {
+                let mut r = reply(503, "Service Unavailable (too many failed attempts)");
+                r.push_header(Header::new(
+                    HeaderName::RetryAfter,
+                    retry_after.as_secs().max(1).to_string(),
+                ));
+                return r;
+            }
         };
         // Compared unescaped: `null-%00-null` is the user `null-\0-null` (RFC 4475 §3.1.1.4).
         if crate::sip::syntax::unescape(&group.username) != request.aor_user.as_bytes() {
@@ -205,8 +217,19 @@ impl Registrar {
                 ));
                 return r;
             }
-            Err(Refusal::OutOfOrder) => return reply(400, "CSeq out of order for this Call-ID"),
-            Err(Refusal::TooMany) => return reply(403, "Forbidden (too many contacts)"),
+            // Not a reason for a PBX to give up: 500 with Retry-After (RFC 3261 §10.3 names no
+            // code for a CSeq out of order).
+            Err(Refusal::OutOfOrder) => {
+                let mut r = reply(500, "CSeq out of order for this Call-ID");
+                r.push_header(Header::new(HeaderName::RetryAfter, "1"));
+                return r;
+            }
+            Err(Refusal::TooMany) => {
+                return reply(
+                    403,
+                    "Forbidden (more contacts in one request than max_contacts)",
+                );
+            }
         }
         let mut r = reply(200, "OK");
         for c in self.contacts(group.id, now_ms) {
@@ -247,18 +270,24 @@ impl Registrar {
             }
             return Err(Denied::Challenge { stale: false });
         };
-        if self.throttle.is_blocked(source, now) {
-            return Err(Denied::Forbidden);
+        if let Some(retry_after) = self.throttle.blocked_for(source, now) {
+            return Err(Denied::Throttled { retry_after });
+        }
+        // RFC 2069 answers (no qop) carry no nonce count: they could be replayed for the
+        // nonce's lifetime. Every PBX of note does qop=auth when offered.
+        if creds.qop.is_none() {
+            return Err(Denied::Challenge { stale: false });
         }
         let group = customers.trunk_group_by_username(&creds.username);
         let realm = &self.config.realm;
-        let result = self
-            .auth
-            .verify(wall, &creds, "REGISTER", realm, |user, alg| {
-                group
-                    .filter(|g| g.username == user && g.realm == *realm)
-                    .map(|g| g.ha1(alg).to_string())
-            });
+        let scope = scope_of(source);
+        let result =
+            self.auth
+                .verify_scoped(wall, &creds, "REGISTER", realm, &scope, |user, alg| {
+                    group
+                        .filter(|g| g.username == user && g.realm == *realm)
+                        .map(|g| g.ha1(alg).to_string())
+                });
         match (result, group) {
             (Ok(()), Some(group)) => Ok(group),
             // Unreachable (verify needs an HA1 from the group), but never worth a panic.
@@ -343,8 +372,21 @@ impl Registrar {
                 conn: flow.conn,
             });
         }
-        if next.len() > self.config.max_contacts {
-            return Err(Refusal::TooMany);
+        // Over the limit, the oldest other bindings go: a PBX that changes its Contact at every
+        // restart (chan_pjsip with line=yes) must not be locked out by its own leftovers.
+        while next.len() > self.config.max_contacts {
+            let oldest = next
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| !request.contacts.iter().any(|c| e.uri.equivalent(&c.uri)))
+                .min_by_key(|(_, e)| e.binding.registered_at_ms)
+                .map(|(i, _)| i);
+            match oldest {
+                Some(i) => {
+                    next.remove(i);
+                }
+                None => return Err(Refusal::TooMany),
+            }
         }
         // Commit: the file follows behind.
         for e in &current {
@@ -377,6 +419,17 @@ impl Registrar {
 enum Denied {
     Challenge { stale: bool },
     Forbidden,
+    Throttled { retry_after: Duration },
+}
+
+/// Nonces are bound to the client's address: a nonce fetched from one address fails, as
+/// unknown (not as a wrong password), in a request from another. So a forged source address
+/// cannot run up failures against a PBX's own address.
+fn scope_of(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
 }
 
 enum Refusal {
@@ -534,23 +587,22 @@ struct SourceFailures {
 const MAX_TRACKED_SOURCES: usize = 100_000;
 
 impl Throttle {
-    fn is_blocked(&mut self, source: IpAddr, now: Instant) -> bool {
-        let Some(s) = self.sources.get_mut(&source) else {
-            return false;
-        };
+    /// How long `source` stays throttled, if it is.
+    fn blocked_for(&mut self, source: IpAddr, now: Instant) -> Option<Duration> {
+        let s = self.sources.get_mut(&source)?;
         match s.blocked_until {
             Some(until) if now < until => {
                 s.refused += 1;
-                true
+                Some(until - now)
             }
             Some(_) => {
                 if s.refused > 0 {
                     info!(source = %source, refused = s.refused, "digest throttle lifted");
                 }
                 self.sources.remove(&source);
-                false
+                None
             }
-            None => false,
+            None => None,
         }
     }
 
@@ -629,10 +681,18 @@ mod tests {
             "the third failure starts the throttle"
         );
         assert!(!t.failed(a, now, &config), "logged once per burst");
-        assert!(t.is_blocked(a, now + Duration::from_secs(10)));
-        assert!(!t.is_blocked(b, now), "other sources are not affected");
-        assert!(
-            !t.is_blocked(a, now + Duration::from_secs(31)),
+        assert_eq!(
+            t.blocked_for(a, now + Duration::from_secs(10)),
+            Some(Duration::from_secs(20))
+        );
+        assert_eq!(
+            t.blocked_for(b, now),
+            None,
+            "other sources are not affected"
+        );
+        assert_eq!(
+            t.blocked_for(a, now + Duration::from_secs(31)),
+            None,
             "the throttle ends"
         );
         // Failures spread beyond the window never add up to a throttle.

@@ -95,6 +95,11 @@ pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
         (Some(c), Some(k)) => Some(tls_server_config(c, k).map_err(StartError::Tls)?),
         _ => None,
     };
+    let dialog_key =
+        load_or_create_key(&dir.join(DIALOG_KEY_FILE)).map_err(|source| StartError::DataDir {
+            path: dir.join(DIALOG_KEY_FILE),
+            source,
+        })?;
     let store = Store::open(dir).await?;
     let customers =
         watch_customers(store, Duration::from_millis(settings.raw.config_poll_ms)).await?;
@@ -119,7 +124,7 @@ pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
         transactions: Transactions::new(settings.timers.clone()),
         registrar,
         customers,
-        proxy: Proxy::new(settings.proxy.clone()),
+        proxy: Proxy::new(settings.proxy.clone(), dialog_key),
         name: settings.raw.name.clone(),
     };
     let (stop, stopped) = oneshot::channel();
@@ -250,7 +255,8 @@ impl Service {
         let now = Instant::now();
         let reliable = flow.transport.is_stream();
         let dest = response_flow(msg.top_via(), flow);
-        let in_dialog = msg.to().tag().is_some() && routed_through_us(&msg, self.transport.bound());
+        let in_dialog = msg.to().tag().is_some()
+            && routed_through_us(&msg, self.transport.bound(), self.proxy.dialog_key());
         let id = match self.transactions.handle_request(now, &msg, dest, reliable) {
             RequestDisposition::New(id) => id,
             // Retransmissions and ACKs for our own non-2xx answers end in the transaction layer.
@@ -506,6 +512,35 @@ fn response_flow(via: &crate::sip::message::Via, flow: Flow) -> Flow {
     Flow {
         remote: (ip, port).into(),
         ..flow
+    }
+}
+
+/// The file holding the key of this server's dialog tokens, kept so that calls set up before
+/// a restart can still be hung up after it.
+pub const DIALOG_KEY_FILE: &str = "dialog.key";
+
+/// Reads a 32-byte key, or creates one (readable by the owner only).
+fn load_or_create_key(path: &std::path::Path) -> io::Result<[u8; 32]> {
+    match fs::read(path) {
+        Ok(bytes) if bytes.len() == 32 => {
+            let mut key = [0u8; 32];
+            key.copy_from_slice(&bytes);
+            Ok(key)
+        }
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a 32-byte key: remove it to have a new one made",
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let key: [u8; 32] = rand::random();
+            let mut options = fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            std::io::Write::write_all(&mut options.open(path)?, &key)?;
+            Ok(key)
+        }
+        Err(e) => Err(e),
     }
 }
 

@@ -690,9 +690,23 @@ impl Authenticator {
         algorithm: Algorithm,
         stale: bool,
     ) -> Challenge {
+        self.challenge_scoped(now, realm, algorithm, stale, &[])
+    }
+
+    /// As [`Authenticator::challenge`], with a nonce that only [`Authenticator::verify_scoped`]
+    /// with the same `scope` accepts. The registrar scopes nonces to the client's address, so
+    /// a nonce fetched from one address is worthless in a request claiming another.
+    pub fn challenge_scoped(
+        &self,
+        now: SystemTime,
+        realm: &str,
+        algorithm: Algorithm,
+        stale: bool,
+        scope: &[u8],
+    ) -> Challenge {
         let issued = millis(now).to_be_bytes();
         let salt: [u8; 8] = rand::random();
-        let mac = self.nonce_mac(algorithm, realm, &issued, &salt);
+        let mac = self.nonce_mac(algorithm, realm, &issued, &salt, scope);
         let mut raw = [0u8; NONCE_BYTES];
         raw[..8].copy_from_slice(&issued);
         raw[8..16].copy_from_slice(&salt);
@@ -725,6 +739,21 @@ impl Authenticator {
         expected_realm: &str,
         ha1_for: impl FnOnce(&str, Algorithm) -> Option<String>,
     ) -> Result<(), AuthFailure> {
+        self.verify_scoped(now, creds, method, expected_realm, &[], ha1_for)
+    }
+
+    /// As [`Authenticator::verify`], for nonces issued by
+    /// [`Authenticator::challenge_scoped`] with this `scope`; another scope's nonce is
+    /// [`AuthFailure::UnknownNonce`].
+    pub fn verify_scoped(
+        &self,
+        now: SystemTime,
+        creds: &Credentials,
+        method: &str,
+        expected_realm: &str,
+        scope: &[u8],
+        ha1_for: impl FnOnce(&str, Algorithm) -> Option<String>,
+    ) -> Result<(), AuthFailure> {
         if creds.realm != expected_realm {
             return Err(AuthFailure::RealmMismatch);
         }
@@ -734,7 +763,7 @@ impl Authenticator {
             return Err(AuthFailure::UnknownNonce);
         }
         let issued_ms = self
-            .check_nonce(&creds.nonce, expected_realm, creds.algorithm)
+            .check_nonce(&creds.nonce, expected_realm, creds.algorithm, scope)
             .ok_or(AuthFailure::UnknownNonce)?;
         let counted = match creds.qop {
             Some(Qop::Auth) => {
@@ -778,8 +807,10 @@ impl Authenticator {
         realm: &str,
         issued: &[u8; 8],
         salt: &[u8; 8],
+        scope: &[u8],
     ) -> [u8; MAC_BYTES] {
-        // The realm is last and the only variable-length field, so the input is unambiguous.
+        // The scope is length-prefixed and the realm is last, so the input is unambiguous.
+        let scope_len = (scope.len() as u32).to_be_bytes();
         let full = hmac_sha256(
             &self.secret,
             &[
@@ -787,6 +818,8 @@ impl Authenticator {
                 &[algorithm.tag()],
                 issued,
                 salt,
+                &scope_len,
+                scope,
                 realm.as_bytes(),
             ],
         );
@@ -796,7 +829,13 @@ impl Authenticator {
     }
 
     /// The issue time (ms) of `nonce` if we issued it for this realm and algorithm.
-    fn check_nonce(&self, nonce: &str, realm: &str, algorithm: Algorithm) -> Option<u64> {
+    fn check_nonce(
+        &self,
+        nonce: &str,
+        realm: &str,
+        algorithm: Algorithm,
+        scope: &[u8],
+    ) -> Option<u64> {
         // Lowercase hex only, so one nonce has one spelling (the replay table is keyed
         // by the string).
         if nonce.len() != NONCE_BYTES * 2
@@ -810,7 +849,7 @@ impl Authenticator {
         hex::decode_to_slice(nonce, &mut raw).ok()?;
         let issued: [u8; 8] = raw[..8].try_into().ok()?;
         let salt: [u8; 8] = raw[8..16].try_into().ok()?;
-        let mac = self.nonce_mac(algorithm, realm, &issued, &salt);
+        let mac = self.nonce_mac(algorithm, realm, &issued, &salt, scope);
         if bool::from(mac.ct_eq(&raw[16..])) {
             Some(u64::from_be_bytes(issued))
         } else {
@@ -892,7 +931,7 @@ fn millis(t: SystemTime) -> u64 {
 }
 
 /// HMAC-SHA-256 (RFC 2104) over the concatenation of `parts`.
-fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+pub(crate) fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     const BLOCK: usize = 64;
     let mut k = [0u8; BLOCK];
     if key.len() > BLOCK {
@@ -1088,6 +1127,27 @@ fn parse_quoted(input: &str, open: usize) -> Result<(String, usize), DigestError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scoped_nonce_is_only_good_in_its_scope() {
+        let auth = Authenticator::new(Duration::from_secs(60));
+        let now = SystemTime::now();
+        let ch = auth.challenge_scoped(now, "r", Algorithm::Md5, false, b"192.0.2.1");
+        let creds = Credentials::answer(&ch, "REGISTER", "sip:r", "u", "p", "c", 1).unwrap();
+        let ha1 = |_: &str, alg| Some(ha1(alg, "u", "r", "p"));
+        assert_eq!(
+            auth.verify_scoped(now, &creds, "REGISTER", "r", b"192.0.2.2", ha1),
+            Err(AuthFailure::UnknownNonce)
+        );
+        assert_eq!(
+            auth.verify(now, &creds, "REGISTER", "r", ha1),
+            Err(AuthFailure::UnknownNonce)
+        );
+        assert_eq!(
+            auth.verify_scoped(now, &creds, "REGISTER", "r", b"192.0.2.1", ha1),
+            Ok(())
+        );
+    }
 
     fn t0() -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(1_700_000_000)

@@ -821,12 +821,19 @@ impl Message {
     pub fn set_received(&mut self, ip: IpAddr, port: u16) {
         let via = &mut self.vias[0];
         let host_is_source = via.host.ip() == Some(ip);
-        let wants_rport = via.params.get("rport") == Some(None);
-        if host_is_source && !wants_rport {
+        let has_received = via.params.has("received");
+        let has_rport = via.params.has("rport");
+        if host_is_source && !has_received && !has_rport {
             return;
         }
-        via.params.set("received", Some(&ip.to_string()));
-        if wants_rport {
+        // What the sender wrote in `received` or `rport` is never trusted: it would let anyone
+        // aim our responses (and their retransmissions) at a third party.
+        if host_is_source {
+            via.params.remove("received");
+        } else {
+            via.params.set("received", Some(&ip.to_string()));
+        }
+        if has_rport {
             via.params.set("rport", Some(&port.to_string()));
         }
         self.rewrite_vias();
@@ -1401,6 +1408,19 @@ Content-Length: 4\r\n\r\nv=0\n";
             again.top_via().response_host_port(5060),
             (Host::V4("192.0.2.7".parse().unwrap()), 40000)
         );
+    }
+
+    #[test]
+    fn received_and_rport_written_by_the_sender_are_replaced() {
+        let forged = ASTERISK_INVITE.replace(
+            "10.0.0.2:5060;rport;branch",
+            "10.0.0.2:5060;received=192.0.2.99;rport=9;branch",
+        );
+        let mut m = Message::parse(Bytes::from(forged)).unwrap();
+        m.set_received("10.0.0.2".parse().unwrap(), 40000);
+        let (host, port) = m.top_via().response_host_port(5060);
+        assert_eq!(host, Host::V4("10.0.0.2".parse().unwrap()));
+        assert_eq!(port, 40000);
     }
 
     #[test]

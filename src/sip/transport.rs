@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::message::{Frame, MAX_MESSAGE, Message, ParseError, stream_frame};
@@ -154,6 +154,8 @@ pub struct TransportOptions {
     pub connect_timeout: Duration,
     /// Queue of received messages waiting for the core; UDP datagrams beyond it are dropped.
     pub queue: usize,
+    /// A write to a TCP or TLS peer that does not complete in this time closes the connection.
+    pub write_timeout: Duration,
 }
 
 impl Default for TransportOptions {
@@ -162,6 +164,7 @@ impl Default for TransportOptions {
             stream_idle_timeout: Duration::from_secs(900),
             connect_timeout: Duration::from_secs(2),
             queue: 8192,
+            write_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -216,6 +219,8 @@ struct Conns {
 struct Conn {
     tx: mpsc::Sender<Bytes>,
     flow: Flow,
+    /// Ends the connection's task (see [`SipTransport::close`]).
+    closer: Option<oneshot::Sender<()>>,
 }
 
 impl SipTransport {
@@ -346,7 +351,13 @@ impl SipTransport {
                 match tx {
                     Some(tx) => match tx.try_send(bytes) {
                         Ok(()) => return Ok(()),
-                        Err(mpsc::error::TrySendError::Full(b)) => b,
+                        // A peer that does not read what we send loses its connection:
+                        // queueing more for it would grow without bound.
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            warn!(remote = %flow.remote, "peer not reading: connection closed");
+                            self.close(&flow);
+                            return Err(SendError::NoConnection(flow.remote));
+                        }
                         Err(mpsc::error::TrySendError::Closed(_)) => {
                             return Err(SendError::NoConnection(flow.remote));
                         }
@@ -419,6 +430,7 @@ impl SipTransport {
             conn: Some(id),
         };
         let (tx, rx) = mpsc::channel(256);
+        let (closed_tx, closed_rx) = oneshot::channel();
         {
             let mut conns = self.lock();
             conns.by_id.insert(
@@ -426,14 +438,34 @@ impl SipTransport {
                 Conn {
                     tx: tx.clone(),
                     flow,
+                    closer: Some(closed_tx),
                 },
             );
             conns.by_remote.insert((transport, remote), id);
         }
         let (rd, wr) = tokio::io::split(stream);
-        tokio::spawn(write_loop(wr, rx));
-        tokio::spawn(read_loop(self.clone(), rd, flow));
+        let transport = self.clone();
+        // One task per connection: when reading, writing or `close` ends it, all of it ends.
+        tokio::spawn(async move {
+            let why = tokio::select! {
+                why = read_loop(transport.clone(), rd, flow) => why,
+                why = write_loop(wr, rx, transport.inner.options.write_timeout) => why,
+                _ = closed_rx => "closed by this element".to_string(),
+            };
+            debug!(remote = %flow.remote, transport = %flow.transport, reason = %why, "connection closed");
+            transport.forget(&flow);
+        });
         tx
+    }
+
+    /// Closes the connection of `flow`, if still open.
+    fn close(&self, flow: &Flow) {
+        let closer = flow
+            .conn
+            .and_then(|id| self.lock().by_id.get_mut(&id).and_then(|c| c.closer.take()));
+        if let Some(closer) = closer {
+            let _ = closer.send(());
+        }
     }
 
     fn forget(&self, flow: &Flow) {
@@ -545,21 +577,28 @@ async fn accept_loop(
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Bytes>) {
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<Bytes>,
+    timeout: Duration,
+) -> String {
     while let Some(bytes) = rx.recv().await {
-        if wr.write_all(&bytes).await.is_err() {
-            break;
+        match tokio::time::timeout(timeout, wr.write_all(&bytes)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return format!("write error: {e}"),
+            Err(_) => return "peer not reading: write timed out".to_string(),
         }
     }
     let _ = wr.shutdown().await;
+    "no more to send".to_string()
 }
 
 /// Reads a stream, cutting it into messages by Content-Length (STYLE.md: mini-redis framing).
 /// Anything that cannot be framed or parsed closes this connection and no other.
-async fn read_loop<R: AsyncRead + Unpin>(transport: SipTransport, mut rd: R, flow: Flow) {
+async fn read_loop<R: AsyncRead + Unpin>(transport: SipTransport, mut rd: R, flow: Flow) -> String {
     let mut buf = BytesMut::with_capacity(8192);
     let idle = transport.inner.options.stream_idle_timeout;
-    let why = 'conn: loop {
+    'conn: loop {
         loop {
             match stream_frame(&buf) {
                 Ok(Frame::Incomplete) => break,
@@ -567,7 +606,7 @@ async fn read_loop<R: AsyncRead + Unpin>(transport: SipTransport, mut rd: R, flo
                     let _ = buf.split_to(len);
                     if ping {
                         // RFC 5626 §3.5.1: a double CRLF ping gets a single CRLF pong.
-                        let _ = transport.send(&flow, Bytes::from_static(b"\r\n")).await;
+                        let _ = transport.send_nowait(flow, Bytes::from_static(b"\r\n"));
                     }
                 }
                 Ok(Frame::Message { len }) => {
@@ -601,9 +640,7 @@ async fn read_loop<R: AsyncRead + Unpin>(transport: SipTransport, mut rd: R, flo
             Ok(Err(e)) => break 'conn format!("read error: {e}"),
             Err(_) => break 'conn "idle".to_string(),
         }
-    };
-    debug!(remote = %flow.remote, transport = %flow.transport, reason = %why, "connection closed");
-    transport.forget(&flow);
+    }
 }
 
 /// Logs what was bound, one line per address, in a fixed format tests and operators can read:
