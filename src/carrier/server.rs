@@ -501,11 +501,18 @@ impl Service {
     }
 }
 
-/// Where responses to a request go: back on its connection for streams; over UDP to the
-/// received address and the rport or sent-by port (RFC 3261 §18.2.2, RFC 3581).
+/// Where responses to a request go: back on its connection for streams (else to the sent-by
+/// port); over UDP to the received address and the rport or sent-by port (RFC 3261 §18.2.2,
+/// RFC 3581).
 fn response_flow(via: &crate::sip::message::Via, flow: Flow) -> Flow {
     if flow.transport.is_stream() {
-        return flow;
+        // Back on the request's connection; if that is gone, a new connection goes to the
+        // source address and the sent-by port, not the old ephemeral port (§18.2.2).
+        let port = via.port.unwrap_or(flow.transport.default_port());
+        return Flow {
+            remote: (flow.remote.ip(), port).into(),
+            ..flow
+        };
     }
     let (host, port) = via.response_host_port(flow.transport.default_port());
     let ip: IpAddr = host.ip().unwrap_or(flow.remote.ip());
