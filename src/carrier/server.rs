@@ -44,6 +44,7 @@ pub const SERVER: &str = concat!("Lifeline/", env!("CARGO_PKG_VERSION"));
 /// A running carrier; dropping it does not stop it, [`RunningCarrier::stop`] does.
 pub struct RunningCarrier {
     bound: Vec<ListenSpec>,
+    transport: SipTransport,
     stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
 }
@@ -55,7 +56,11 @@ impl RunningCarrier {
     }
 
     /// Stops receiving and waits for the service task to end.
+    /// Stops receiving, ends the service (writing pending bindings) and closes every
+    /// connection; the listen addresses are free again once this returns and the last send in
+    /// flight has finished.
     pub async fn stop(self) {
+        self.transport.shutdown();
         let _ = self.stop.send(());
         let _ = self.task.await;
     }
@@ -119,6 +124,7 @@ pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
     let bound = transport.bound().to_vec();
     log_bound(&bound);
     info!(name = %settings.raw.name, data_dir = %dir.display(), "carrier started");
+    let shutdown_handle = transport.clone();
     let service = Service {
         transport,
         transactions: Transactions::new(settings.timers.clone()),
@@ -129,7 +135,12 @@ pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
     };
     let (stop, stopped) = oneshot::channel();
     let task = tokio::spawn(service.run(incoming, stopped));
-    Ok(RunningCarrier { bound, stop, task })
+    Ok(RunningCarrier {
+        bound,
+        transport: shutdown_handle,
+        stop,
+        task,
+    })
 }
 
 struct Service {

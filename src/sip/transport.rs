@@ -202,6 +202,8 @@ pub struct SipTransport {
 }
 
 struct Inner {
+    /// The receive and accept loops, ended by [`SipTransport::shutdown`].
+    loops: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     udp: Vec<Arc<UdpSocket>>,
     bound: Vec<ListenSpec>,
     conns: Mutex<Conns>,
@@ -270,6 +272,7 @@ impl SipTransport {
             }
         }
         let inner = Arc::new(Inner {
+            loops: Mutex::new(Vec::new()),
             udp,
             bound,
             conns: Mutex::new(Conns::default()),
@@ -279,16 +282,39 @@ impl SipTransport {
         });
         let transport = SipTransport { inner };
         for sock in &transport.inner.udp {
-            tokio::spawn(udp_loop(transport.clone(), sock.clone()));
+            let task = tokio::spawn(udp_loop(transport.clone(), sock.clone()));
+            transport.lock_loops().push(task);
         }
         for (kind, listener) in tcp {
             let acceptor = match kind {
                 Transport::Tls => tls.clone().map(tokio_rustls::TlsAcceptor::from),
                 _ => None,
             };
-            tokio::spawn(accept_loop(transport.clone(), listener, kind, acceptor));
+            let task = tokio::spawn(accept_loop(transport.clone(), listener, kind, acceptor));
+            transport.lock_loops().push(task);
         }
         Ok((transport, rx))
+    }
+
+    fn lock_loops(&self) -> std::sync::MutexGuard<'_, Vec<tokio::task::JoinHandle<()>>> {
+        self.inner.loops.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stops receiving and closes every connection; the sockets are released once the last
+    /// clone of this transport is dropped.
+    pub fn shutdown(&self) {
+        for task in self.lock_loops().drain(..) {
+            task.abort();
+        }
+        let closers: Vec<_> = self
+            .lock()
+            .by_id
+            .values_mut()
+            .filter_map(|c| c.closer.take())
+            .collect();
+        for closer in closers {
+            let _ = closer.send(());
+        }
     }
 
     /// What was bound, with the real ports.
