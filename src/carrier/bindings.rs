@@ -886,13 +886,14 @@ mod tests {
         assert!(matches!(err, BindingStoreError::Write { .. }), "{err:?}");
         assert!(err.to_string().contains("no such table"), "{err}");
         assert_eq!(store.pending(), 2);
-        // A few failed ticks go by; nothing is lost, and newer changes still coalesce.
+        // A few failed ticks go by; nothing is lost, and newer changes still coalesce. (A tick
+        // holds the batch out of the pending map while it tries: look between ticks.)
         tokio::time::sleep(TICK * 5).await;
-        assert_eq!(store.pending(), 2);
+        eventually_pending(&store, 2).await;
         let mut b2 = b.clone();
         b2.cseq = 2;
         store.upsert(b2.clone());
-        assert_eq!(store.pending(), 2);
+        eventually_pending(&store, 2).await;
 
         // Repair: the next tick writes the pending changes, without a flush.
         sqlx::raw_sql(include_str!("../../migrations/bindings/0001_bindings.sql"))
@@ -908,6 +909,19 @@ mod tests {
         let (store, loaded) = BindingStore::open(dir.path(), TICK, 0).await.unwrap();
         assert_eq!(loaded, vec![a, b2]);
         store.close().await.unwrap();
+    }
+
+    /// Waits (bounded) until `n` changes are pending between two writer ticks.
+    async fn eventually_pending(store: &BindingStore, n: usize) {
+        let start = tokio::time::Instant::now();
+        while store.pending() != n {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "pending stayed {} (want {n})",
+                store.pending()
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     /// The batch of a failed write goes back under the changes recorded since it was taken.
