@@ -1281,27 +1281,71 @@ fn incomplete(buf: &[u8]) -> Result<Frame, SyntaxError> {
     Ok(Frame::Incomplete)
 }
 
+/// How far [`stream_frame_resume`] got in a buffer that held no whole message yet, so that the
+/// next call goes on from there: a peer that sends its message a byte at a time costs linear
+/// time, not quadratic. Start each message with `FrameScan::default()`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FrameScan {
+    /// Where the next header line to examine starts (0: the start line is not done).
+    at: usize,
+    /// No line end lies before this offset beyond `at`.
+    searched: usize,
+    /// Content-Length of the header lines examined.
+    length: Option<usize>,
+    /// The whole message's length, once the head is complete.
+    total: Option<usize>,
+}
+
 /// Finds the next message in a stream buffer: the end of the headers, then Content-Length
 /// (0 when absent, as streams require it). Errors mean the stream can no longer be framed and
 /// the connection must be closed.
 pub fn stream_frame(buf: &[u8]) -> Result<Frame, SyntaxError> {
-    let lead = buf
-        .iter()
-        .position(|&b| b != b'\r' && b != b'\n')
-        .unwrap_or(buf.len());
-    if lead > 0 {
-        let ping = buf[..lead].windows(4).any(|w| w == b"\r\n\r\n");
-        return Ok(Frame::KeepAlive { len: lead, ping });
+    stream_frame_resume(buf, &mut FrameScan::default())
+}
+
+/// As [`stream_frame`], going on from where an earlier call on a shorter prefix of the same
+/// buffer stopped.
+pub fn stream_frame_resume(buf: &[u8], scan: &mut FrameScan) -> Result<Frame, SyntaxError> {
+    if let Some(total) = scan.total {
+        return if buf.len() < total {
+            Ok(Frame::Incomplete)
+        } else {
+            Ok(Frame::Message { len: total })
+        };
+    }
+    // The next line end at or after `from`, searching each byte once across calls.
+    let find_nl = |scan: &mut FrameScan, from: usize| -> Option<usize> {
+        let start = from.max(scan.searched);
+        match memchr::memchr(b'\n', &buf[start.min(buf.len())..]) {
+            Some(p) => Some(start + p),
+            None => {
+                scan.searched = buf.len();
+                None
+            }
+        }
+    };
+    if scan.at == 0 {
+        let lead = buf
+            .iter()
+            .position(|&b| b != b'\r' && b != b'\n')
+            .unwrap_or(buf.len());
+        if lead > 0 {
+            let ping = buf[..lead].windows(4).any(|w| w == b"\r\n\r\n");
+            return Ok(Frame::KeepAlive { len: lead, ping });
+        }
+        match find_nl(scan, 0) {
+            Some(p) => {
+                scan.at = p + 1;
+                scan.searched = 0;
+            }
+            None => return incomplete(buf),
+        }
     }
     // Walk the head line by line as the parser does (CRLF or bare LF, folded lines), so the
     // frame boundaries and Content-Length agree with what `Message::parse` will read.
-    let mut length = None;
-    let mut at = match memchr::memchr(b'\n', buf) {
-        Some(p) => p + 1,
-        None => return incomplete(buf),
-    };
     let body_start = loop {
-        let Some(nl) = memchr::memchr(b'\n', &buf[at..]).map(|p| at + p) else {
+        let at = scan.at;
+        let Some(nl) = find_nl(scan, at) else {
             return incomplete(buf);
         };
         let line_end = if nl > at && buf[nl - 1] == b'\r' {
@@ -1316,6 +1360,7 @@ pub fn stream_frame(buf: &[u8]) -> Result<Frame, SyntaxError> {
         let mut next = nl + 1;
         let mut value_end = line_end;
         while next < buf.len() && matches!(buf[next], b' ' | b'\t') {
+            // Not `find_nl`: its memory is for the header's first line, which this is not.
             let Some(nl2) = memchr::memchr(b'\n', &buf[next..]).map(|p| next + p) else {
                 return incomplete(buf);
             };
@@ -1338,17 +1383,19 @@ pub fn stream_frame(buf: &[u8]) -> Result<Frame, SyntaxError> {
                     .ok()
                     .and_then(|s| s.parse().ok())
                     .ok_or("bad Content-Length")?;
-                if length.replace(n).is_some() {
+                if scan.length.replace(n).is_some() {
                     return Err("more than one Content-Length");
                 }
             }
         }
-        at = next;
+        scan.at = next;
+        scan.searched = 0;
     };
-    let len = body_start + length.unwrap_or(0);
+    let len = body_start + scan.length.unwrap_or(0);
     if len > MAX_MESSAGE {
         return Err("message too large");
     }
+    scan.total = Some(len);
     if buf.len() < len {
         return Ok(Frame::Incomplete);
     }
@@ -1433,6 +1480,27 @@ Content-Length: 4\r\n\r\nv=0\n";
         assert_eq!(r.call_id(), m.call_id());
         assert_eq!(r.top_via(), m.top_via());
         assert!(r.body().is_empty());
+    }
+
+    #[test]
+    fn resumed_framing_byte_by_byte_agrees_with_a_whole_scan() {
+        let folded = ASTERISK_INVITE.replace("User-Agent: FPBX", "User-Agent:\r\n  FPBX");
+        let two = format!("{folded}{ASTERISK_INVITE}");
+        let bytes = two.as_bytes();
+        let whole = stream_frame(bytes).unwrap();
+        let mut scan = FrameScan::default();
+        let mut got = None;
+        for end in 1..=bytes.len() {
+            match stream_frame_resume(&bytes[..end], &mut scan).unwrap() {
+                Frame::Incomplete => {}
+                frame => {
+                    got = Some((end, frame));
+                    break;
+                }
+            }
+        }
+        assert_eq!(got, Some((folded.len(), whole)));
+        assert_eq!(whole, Frame::Message { len: folded.len() });
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use super::message::{Frame, MAX_MESSAGE, Message, ParseError, stream_frame};
+use super::message::{Frame, FrameScan, MAX_MESSAGE, Message, ParseError, stream_frame_resume};
 
 /// A SIP transport protocol, as named in Via and the `transport` URI parameter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -624,11 +624,14 @@ async fn write_loop<W: AsyncWrite + Unpin>(
 async fn read_loop<R: AsyncRead + Unpin>(transport: SipTransport, mut rd: R, flow: Flow) -> String {
     let mut buf = BytesMut::with_capacity(8192);
     let idle = transport.inner.options.stream_idle_timeout;
+    // Framing resumes where it stopped, so a peer that trickles bytes costs linear time.
+    let mut scan = FrameScan::default();
     'conn: loop {
         loop {
-            match stream_frame(&buf) {
+            match stream_frame_resume(&buf, &mut scan) {
                 Ok(Frame::Incomplete) => break,
                 Ok(Frame::KeepAlive { len, ping }) => {
+                    scan = FrameScan::default();
                     let _ = buf.split_to(len);
                     if ping {
                         // RFC 5626 §3.5.1: a double CRLF ping gets a single CRLF pong.
@@ -636,6 +639,7 @@ async fn read_loop<R: AsyncRead + Unpin>(transport: SipTransport, mut rd: R, flo
                     }
                 }
                 Ok(Frame::Message { len }) => {
+                    scan = FrameScan::default();
                     let frame = buf.split_to(len).freeze();
                     let message = Message::parse(frame);
                     if let Err(e) = &message
