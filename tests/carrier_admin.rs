@@ -69,21 +69,20 @@ fn provisioning_from_the_command_line() {
     assert_eq!(tg, "1\n");
     let groups = ok(&data, &["trunk-group", "list", "--account", "1"]);
     let fields: Vec<&str> = groups.trim_end().split('\t').collect();
-    assert_eq!(fields.len(), 6, "{groups:?}");
+    assert_eq!(fields.len(), 8, "{groups:?}");
     assert_eq!(&fields[..4], ["1", "1", "main", "acme-main"]);
+    assert_eq!(&fields[6..], ["-", "-"], "no failover number or PBX yet");
     assert!(!groups.contains(password));
 
     assert_eq!(
         ok(&data, &["did", "add", "442071234567", "--trunk-group", "1"]),
         "+442071234567\n"
     );
-    assert_eq!(
-        ok(&data, &["did", "list"])
-            .split('\t')
-            .take(2)
-            .collect::<Vec<_>>(),
-        ["+442071234567", "1"]
-    );
+    let dids = ok(&data, &["did", "list"]);
+    let fields: Vec<&str> = dids.trim_end().split('\t').collect();
+    assert_eq!(fields.len(), 4, "{dids:?}");
+    assert_eq!(&fields[..2], ["+442071234567", "1"]);
+    assert_eq!(fields[3], "-", "no failover number yet");
 
     let err = refused(&data, &["account", "add", "Acme Ltd"]);
     assert!(
@@ -123,4 +122,346 @@ fn bad_arguments_are_usage_errors() {
     assert!(out.stderr.contains("--name"), "{}", out.stderr);
     let out = admin(dir.path(), &["account", "remove", "one"]);
     assert_eq!(out.code, 2);
+}
+
+/// Splits the one line a command printed into its fields.
+fn line(out: &str) -> Vec<&str> {
+    assert_eq!(out.lines().count(), 1, "{out:?}");
+    out.trim_end_matches('\n').split('\t').collect()
+}
+
+/// Account 1 with trunk groups 1 (`main`) and 2 (`backup`), DID +442071234567 on group 1;
+/// account 2 with trunk group 3.
+fn provision_failover(data: &Path) {
+    let group = |account: &str, name: &str| {
+        ok(
+            data,
+            &[
+                "trunk-group",
+                "add",
+                "--account",
+                account,
+                "--name",
+                name,
+                "--username",
+                &format!("{name}-{account}"),
+                "--password",
+                "pw",
+            ],
+        )
+    };
+    assert_eq!(ok(data, &["account", "add", "Acme"]), "1\n");
+    assert_eq!(ok(data, &["account", "add", "Globex"]), "2\n");
+    assert_eq!(group("1", "main"), "1\n");
+    assert_eq!(group("1", "backup"), "2\n");
+    assert_eq!(group("2", "main"), "3\n");
+    assert_eq!(
+        ok(data, &["did", "add", "442071234567", "--trunk-group", "1"]),
+        "+442071234567\n"
+    );
+}
+
+#[test]
+fn trunk_group_failover_is_set_shown_and_cleared() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("state");
+    provision_failover(&data);
+    let show = || ok(&data, &["trunk-group", "failover", "1"]);
+    let listed = |id: usize| {
+        let all = ok(&data, &["trunk-group", "list"]);
+        let l = all.lines().nth(id - 1).unwrap().to_owned();
+        let f: Vec<String> = l.split('\t').map(str::to_owned).collect();
+        assert_eq!(f.len(), 8, "{all:?}");
+        assert_eq!(f[0], id.to_string());
+        (f[6].clone(), f[7].clone())
+    };
+
+    assert_eq!(line(&show()), ["-", "-"]);
+
+    // Number and URI at once; the answer is empty, the settings are normalised.
+    assert_eq!(
+        ok(
+            &data,
+            &[
+                "trunk-group",
+                "failover",
+                "1",
+                "--number",
+                "15550002222",
+                "--pbx",
+                "sip:127.0.0.12:5060",
+            ],
+        ),
+        ""
+    );
+    assert_eq!(line(&show()), ["+15550002222", "sip:127.0.0.12:5060"]);
+    assert_eq!(
+        listed(1),
+        ("+15550002222".into(), "sip:127.0.0.12:5060".into())
+    );
+    assert_eq!(
+        listed(2),
+        ("-".into(), "-".into()),
+        "other groups untouched"
+    );
+
+    // One setting at a time leaves the other alone.
+    ok(
+        &data,
+        &[
+            "trunk-group",
+            "failover",
+            "1",
+            "--pbx",
+            "SIP:Backup.Example.com;transport=tcp",
+        ],
+    );
+    assert_eq!(
+        line(&show()),
+        ["+15550002222", "sip:backup.example.com;transport=tcp"]
+    );
+    ok(
+        &data,
+        &["trunk-group", "failover", "1", "--pbx-trunk-group", "2"],
+    );
+    assert_eq!(line(&show()), ["+15550002222", "trunk-group:2"]);
+    assert_eq!(listed(1), ("+15550002222".into(), "trunk-group:2".into()));
+    ok(
+        &data,
+        &["trunk-group", "failover", "1", "--number", "+15550003333"],
+    );
+    assert_eq!(line(&show()), ["+15550003333", "trunk-group:2"]);
+
+    // The failover trunk group cannot be removed while in use.
+    let err = refused(&data, &["trunk-group", "remove", "2"]);
+    assert!(
+        err.contains("trunk group 2 is the failover PBX of trunk group(s) 1"),
+        "{err}"
+    );
+
+    ok(&data, &["trunk-group", "failover", "1", "--no-number"]);
+    assert_eq!(line(&show()), ["-", "trunk-group:2"]);
+    ok(&data, &["trunk-group", "failover", "1", "--no-pbx"]);
+    assert_eq!(line(&show()), ["-", "-"]);
+    assert_eq!(listed(1), ("-".into(), "-".into()));
+    assert_eq!(ok(&data, &["trunk-group", "remove", "2"]), "");
+
+    // Setting both and clearing both in one go.
+    ok(
+        &data,
+        &[
+            "trunk-group",
+            "failover",
+            "1",
+            "--number",
+            "+15550002222",
+            "--pbx",
+            "sips:[::1]:5061",
+        ],
+    );
+    assert_eq!(line(&show()), ["+15550002222", "sips:[::1]:5061"]);
+    ok(
+        &data,
+        &["trunk-group", "failover", "1", "--no-number", "--no-pbx"],
+    );
+    assert_eq!(line(&show()), ["-", "-"]);
+}
+
+#[test]
+fn bad_trunk_group_failover_settings_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("state");
+    provision_failover(&data);
+    ok(
+        &data,
+        &[
+            "trunk-group",
+            "failover",
+            "1",
+            "--number",
+            "+15550002222",
+            "--pbx",
+            "sip:backup.example.com",
+        ],
+    );
+    let before = ok(&data, &["trunk-group", "list"]);
+
+    let err = refused(
+        &data,
+        &["trunk-group", "failover", "1", "--pbx", "http://x"],
+    );
+    assert!(
+        err.contains("invalid failover PBX URI \"http://x\"")
+            && err.contains("only sip: and sips: URIs"),
+        "{err}"
+    );
+    let err = refused(
+        &data,
+        &[
+            "trunk-group",
+            "failover",
+            "1",
+            "--pbx",
+            "sip:u:pw@pbx.example.com",
+        ],
+    );
+    assert!(err.contains("password"), "{err}");
+    let err = refused(
+        &data,
+        &["trunk-group", "failover", "1", "--pbx-trunk-group", "3"],
+    );
+    assert!(
+        err.contains("trunk group 3 belongs to account 2, not to account 1 of trunk group 1")
+            && err.contains("same account"),
+        "{err}"
+    );
+    let err = refused(
+        &data,
+        &["trunk-group", "failover", "1", "--pbx-trunk-group", "1"],
+    );
+    assert!(err.contains("cannot be its own failover PBX"), "{err}");
+    let err = refused(
+        &data,
+        &["trunk-group", "failover", "1", "--pbx-trunk-group", "9"],
+    );
+    assert!(
+        err.contains("no trunk group with id 9 to use as failover PBX"),
+        "{err}"
+    );
+    let err = refused(
+        &data,
+        &["trunk-group", "failover", "1", "--number", "+0123"],
+    );
+    assert!(err.contains("invalid phone number \"+0123\""), "{err}");
+    // A bad part refuses the whole command: the good part is not applied either.
+    let err = refused(
+        &data,
+        &[
+            "trunk-group",
+            "failover",
+            "1",
+            "--number",
+            "15559998888",
+            "--pbx",
+            "http://x",
+        ],
+    );
+    assert!(err.contains("invalid failover PBX URI"), "{err}");
+    let err = refused(&data, &["trunk-group", "failover", "9"]);
+    assert!(err.contains("no trunk group with id 9"), "{err}");
+    let err = refused(&data, &["trunk-group", "failover", "9", "--no-pbx"]);
+    assert!(err.contains("no trunk group with id 9"), "{err}");
+
+    assert_eq!(
+        ok(&data, &["trunk-group", "list"]),
+        before,
+        "nothing changed"
+    );
+
+    // Conflicting options are usage errors.
+    for args in [
+        &[
+            "trunk-group",
+            "failover",
+            "1",
+            "--number",
+            "15550002222",
+            "--no-number",
+        ][..],
+        &[
+            "trunk-group",
+            "failover",
+            "1",
+            "--pbx",
+            "sip:a.example.com",
+            "--no-pbx",
+        ],
+        &[
+            "trunk-group",
+            "failover",
+            "1",
+            "--pbx",
+            "sip:a.example.com",
+            "--pbx-trunk-group",
+            "2",
+        ],
+        &[
+            "trunk-group",
+            "failover",
+            "1",
+            "--pbx-trunk-group",
+            "2",
+            "--no-pbx",
+        ],
+    ] {
+        let out = admin(&data, args);
+        assert_eq!(out.code, 2, "{args:?}: clap usage error");
+        assert!(out.stderr.contains("cannot be used with"), "{}", out.stderr);
+    }
+    assert_eq!(
+        ok(&data, &["trunk-group", "list"]),
+        before,
+        "nothing changed"
+    );
+}
+
+#[test]
+fn did_failover_is_set_shown_and_cleared() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("state");
+    provision_failover(&data);
+    let show = || ok(&data, &["did", "failover", "+442071234567"]);
+    let listed = || {
+        let all = ok(&data, &["did", "list"]);
+        let f = line(&all).iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(f.len(), 4, "{all:?}");
+        f[3].clone()
+    };
+
+    assert_eq!(show(), "-\n");
+    assert_eq!(
+        ok(
+            &data,
+            &["did", "failover", "442071234567", "--number", "15550001111"]
+        ),
+        ""
+    );
+    assert_eq!(show(), "+15550001111\n");
+    assert_eq!(listed(), "+15550001111");
+
+    let err = refused(
+        &data,
+        &["did", "failover", "442071234567", "--number", "12"],
+    );
+    assert!(
+        err.contains("invalid phone number \"12\": E.164 numbers have 8 to 15 digits"),
+        "{err}"
+    );
+    let err = refused(
+        &data,
+        &["did", "failover", "+15559999999", "--number", "15550001111"],
+    );
+    assert!(err.contains("no DID +15559999999"), "{err}");
+    let err = refused(&data, &["did", "failover", "+15559999999"]);
+    assert!(err.contains("no DID +15559999999"), "{err}");
+    let err = refused(&data, &["did", "failover", "oops"]);
+    assert!(err.contains("invalid phone number \"oops\""), "{err}");
+    assert_eq!(show(), "+15550001111\n", "refusals changed nothing");
+
+    let out = admin(
+        &data,
+        &[
+            "did",
+            "failover",
+            "442071234567",
+            "--number",
+            "15550001111",
+            "--no-number",
+        ],
+    );
+    assert_eq!(out.code, 2, "clap usage error");
+
+    ok(&data, &["did", "failover", "442071234567", "--no-number"]);
+    assert_eq!(show(), "-\n");
+    assert_eq!(listed(), "-");
 }

@@ -1,24 +1,33 @@
 //! `lifeline-carrier admin …`: edit the store from the command line.
 //!
 //! Output is for scripts: one line per object, fields separated by a tab, no header, times
-//! in UTC as `YYYY-MM-DDTHH:MM:SSZ`. `add` prints only the new object's key (the id, or the
-//! normalised number for a DID); `remove` and `set-password` print nothing. Failures go to the
-//! caller as [`AdminError`], which names what was wrong; the process should exit non-zero.
+//! in UTC as `YYYY-MM-DDTHH:MM:SSZ`, `-` for a setting that is not set. `add` prints only the
+//! new object's key (the id, or the normalised number for a DID); `remove`, `set-password` and
+//! `failover` with changes print nothing; `failover` without options prints the current
+//! settings. Failures go to the caller as [`AdminError`], which names what was wrong; the
+//! process should exit non-zero.
 //!
 //! Line formats:
 //! - account: `ID  NAME  CREATED`
-//! - trunk group: `ID  ACCOUNT_ID  NAME  USERNAME  REALM  CREATED`
-//! - DID: `NUMBER  TRUNK_GROUP_ID  CREATED`
+//! - trunk group: `ID  ACCOUNT_ID  NAME  USERNAME  REALM  CREATED  FAILOVER_NUMBER  FAILOVER_PBX`
+//! - DID: `NUMBER  TRUNK_GROUP_ID  CREATED  FAILOVER_NUMBER`
+//! - `trunk-group failover ID`: `FAILOVER_NUMBER  FAILOVER_PBX`
+//! - `did failover NUMBER`: `FAILOVER_NUMBER`
 //!
-//! Names cannot hold tabs or line breaks (the store refuses them), so lines always split
-//! cleanly. Passwords and HA1 values are never printed.
+//! A failover number is E.164 with the `+`; a failover PBX is its normalised SIP URI, or
+//! `trunk-group:ID` for another trunk group. Names cannot hold tabs or line breaks and URIs no
+//! white space (the store refuses them), so lines always split cleanly. Passwords and HA1
+//! values are never printed.
 
 use std::io::Write;
 use std::path::Path;
 
 use clap::Subcommand;
 
-use super::store::{AccountId, Store, StoreError, TrunkGroupId};
+use super::delivery_rule::FailoverPbx;
+use super::store::{
+    AccountId, Store, StoreError, TrunkGroupId, normalize_e164, normalize_failover_uri,
+};
 
 /// Edit the configuration store: accounts, trunk groups, DIDs.
 #[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
@@ -70,7 +79,8 @@ pub enum TrunkGroupCommand {
         #[arg(long)]
         password: String,
     },
-    /// List trunk groups: ID, ACCOUNT_ID, NAME, USERNAME, REALM, CREATED.
+    /// List trunk groups: ID, ACCOUNT_ID, NAME, USERNAME, REALM, CREATED, FAILOVER_NUMBER,
+    /// FAILOVER_PBX.
     List {
         /// Only this account's trunk groups.
         #[arg(long, value_name = "ID")]
@@ -88,6 +98,29 @@ pub enum TrunkGroupCommand {
         /// The new SIP Digest password.
         password: String,
     },
+    /// Show or change a trunk group's failover settings: its global failover number (for DIDs
+    /// without their own) and its failover PBX. Options given are changed, the others kept;
+    /// without options, prints FAILOVER_NUMBER and FAILOVER_PBX (`-` when unset).
+    Failover {
+        /// Trunk group id.
+        id: TrunkGroupId,
+        /// Set the global failover number (E.164, with or without the leading `+`).
+        #[arg(long, value_name = "E164", conflicts_with = "no_number")]
+        number: Option<String>,
+        /// Clear the global failover number.
+        #[arg(long)]
+        no_number: bool,
+        /// Set the failover PBX to a SIP URI, e.g. `sip:192.0.2.12:5060` or
+        /// `sip:backup.example.com;transport=tcp`.
+        #[arg(long, value_name = "SIP_URI", conflicts_with_all = ["pbx_trunk_group", "no_pbx"])]
+        pbx: Option<String>,
+        /// Set the failover PBX to another trunk group of the same account.
+        #[arg(long, value_name = "ID", conflicts_with = "no_pbx")]
+        pbx_trunk_group: Option<TrunkGroupId>,
+        /// Clear the failover PBX.
+        #[arg(long)]
+        no_pbx: bool,
+    },
 }
 
 /// `admin did …`
@@ -101,7 +134,7 @@ pub enum DidCommand {
         #[arg(long, value_name = "ID")]
         trunk_group: TrunkGroupId,
     },
-    /// List DIDs: NUMBER, TRUNK_GROUP_ID, CREATED.
+    /// List DIDs: NUMBER, TRUNK_GROUP_ID, CREATED, FAILOVER_NUMBER.
     List {
         /// Only this trunk group's DIDs.
         #[arg(long, value_name = "ID")]
@@ -111,6 +144,18 @@ pub enum DidCommand {
     Remove {
         /// E.164 number, with or without the leading `+`.
         number: String,
+    },
+    /// Show or change a DID's own failover number (when unset, its trunk group's global one
+    /// applies). Without options, prints FAILOVER_NUMBER (`-` when unset).
+    Failover {
+        /// The DID: E.164, with or without the leading `+`.
+        number: String,
+        /// Set the DID's failover number (E.164, with or without the leading `+`).
+        #[arg(long = "number", value_name = "E164", conflicts_with = "no_number")]
+        failover_number: Option<String>,
+        /// Clear the DID's failover number.
+        #[arg(long)]
+        no_number: bool,
     },
 }
 
@@ -162,19 +207,69 @@ pub async fn run(
                 for g in store.list_trunk_groups(account).await? {
                     writeln!(
                         out,
-                        "{}\t{}\t{}\t{}\t{}\t{}",
+                        "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
                         g.id,
                         g.account_id,
                         g.name,
                         g.username,
                         g.realm,
-                        utc(g.created_at)
+                        utc(g.created_at),
+                        or_dash(g.failover_number.as_deref()),
+                        pbx_field(g.failover_pbx.as_ref()),
                     )?;
                 }
             }
             TrunkGroupCommand::Remove { id } => store.remove_trunk_group(id).await?,
             TrunkGroupCommand::SetPassword { id, password } => {
                 store.set_trunk_group_password(id, &password, realm).await?
+            }
+            TrunkGroupCommand::Failover {
+                id,
+                number,
+                no_number,
+                pbx,
+                pbx_trunk_group,
+                no_pbx,
+            } => {
+                let number = match (number, no_number) {
+                    (Some(n), _) => Some(Some(n)),
+                    (None, true) => Some(None),
+                    (None, false) => None,
+                };
+                let pbx = match (pbx, pbx_trunk_group, no_pbx) {
+                    (Some(uri), _, _) => Some(Some(FailoverPbx::Uri(uri))),
+                    (None, Some(group), _) => Some(Some(FailoverPbx::TrunkGroup(group))),
+                    (None, None, true) => Some(None),
+                    (None, None, false) => None,
+                };
+                if number.is_none() && pbx.is_none() {
+                    let Some(g) = store.trunk_group(id).await? else {
+                        return Err(StoreError::TrunkGroupNotFound(id).into());
+                    };
+                    writeln!(
+                        out,
+                        "{}\t{}",
+                        or_dash(g.failover_number.as_deref()),
+                        pbx_field(g.failover_pbx.as_ref())
+                    )?;
+                } else {
+                    // Check what needs no look-up first, then make the change that may still
+                    // be refused (the PBX), so a refusal leaves everything as it was.
+                    if let Some(Some(n)) = &number {
+                        normalize_e164(n)?;
+                    }
+                    if let Some(Some(FailoverPbx::Uri(uri))) = &pbx {
+                        normalize_failover_uri(uri)?;
+                    }
+                    if let Some(pbx) = pbx {
+                        store.set_trunk_group_failover_pbx(id, pbx.as_ref()).await?;
+                    }
+                    if let Some(n) = number {
+                        store
+                            .set_trunk_group_failover_number(id, n.as_deref())
+                            .await?;
+                    }
+                }
             }
         },
         AdminCommand::Did(cmd) => match cmd {
@@ -189,14 +284,31 @@ pub async fn run(
                 for d in store.list_dids(trunk_group).await? {
                     writeln!(
                         out,
-                        "{}\t{}\t{}",
+                        "{}\t{}\t{}\t{}",
                         d.number,
                         d.trunk_group_id,
-                        utc(d.created_at)
+                        utc(d.created_at),
+                        or_dash(d.failover_number.as_deref()),
                     )?;
                 }
             }
             DidCommand::Remove { number } => store.remove_did(&number).await?,
+            DidCommand::Failover {
+                number,
+                failover_number,
+                no_number,
+            } => {
+                if let Some(n) = failover_number {
+                    store.set_did_failover_number(&number, Some(&n)).await?;
+                } else if no_number {
+                    store.set_did_failover_number(&number, None).await?;
+                } else {
+                    let Some(did) = store.did(&number).await? else {
+                        return Err(StoreError::DidNotFound(normalize_e164(&number)?).into());
+                    };
+                    writeln!(out, "{}", or_dash(did.failover_number.as_deref()))?;
+                }
+            }
         },
     }
     out.flush()?;
@@ -227,6 +339,20 @@ pub async fn execute(cmd: AdminCommand, data_dir: &Path, realm: &str) -> i32 {
             eprintln!("lifeline-carrier: {e}");
             1
         }
+    }
+}
+
+/// A setting as printed: its value, or `-` when unset.
+fn or_dash(value: Option<&str>) -> &str {
+    value.unwrap_or("-")
+}
+
+/// A failover PBX as printed: the URI, `trunk-group:ID`, or `-` when unset.
+fn pbx_field(pbx: Option<&FailoverPbx>) -> String {
+    match pbx {
+        None => "-".to_owned(),
+        Some(FailoverPbx::Uri(uri)) => uri.clone(),
+        Some(FailoverPbx::TrunkGroup(id)) => format!("trunk-group:{id}"),
     }
 }
 
@@ -350,6 +476,122 @@ mod tests {
                 number: "442071234567".into()
             })
         );
+        assert_eq!(
+            parse(&["trunk-group", "failover", "4"]),
+            AdminCommand::TrunkGroup(TrunkGroupCommand::Failover {
+                id: 4,
+                number: None,
+                no_number: false,
+                pbx: None,
+                pbx_trunk_group: None,
+                no_pbx: false,
+            })
+        );
+        assert_eq!(
+            parse(&[
+                "trunk-group",
+                "failover",
+                "4",
+                "--number",
+                "+15550002222",
+                "--pbx",
+                "sip:backup.example.com",
+            ]),
+            AdminCommand::TrunkGroup(TrunkGroupCommand::Failover {
+                id: 4,
+                number: Some("+15550002222".into()),
+                no_number: false,
+                pbx: Some("sip:backup.example.com".into()),
+                pbx_trunk_group: None,
+                no_pbx: false,
+            })
+        );
+        assert_eq!(
+            parse(&[
+                "trunk-group",
+                "failover",
+                "4",
+                "--no-number",
+                "--pbx-trunk-group",
+                "5"
+            ]),
+            AdminCommand::TrunkGroup(TrunkGroupCommand::Failover {
+                id: 4,
+                number: None,
+                no_number: true,
+                pbx: None,
+                pbx_trunk_group: Some(5),
+                no_pbx: false,
+            })
+        );
+        assert_eq!(
+            parse(&["did", "failover", "442071234567", "--number", "15550001111"]),
+            AdminCommand::Did(DidCommand::Failover {
+                number: "442071234567".into(),
+                failover_number: Some("15550001111".into()),
+                no_number: false,
+            })
+        );
+        assert_eq!(
+            parse(&["did", "failover", "442071234567", "--no-number"]),
+            AdminCommand::Did(DidCommand::Failover {
+                number: "442071234567".into(),
+                failover_number: None,
+                no_number: true,
+            })
+        );
+        for conflicting in [
+            &[
+                "trunk-group",
+                "failover",
+                "1",
+                "--number",
+                "15550001111",
+                "--no-number",
+            ][..],
+            &[
+                "trunk-group",
+                "failover",
+                "1",
+                "--pbx",
+                "sip:a.example",
+                "--no-pbx",
+            ],
+            &[
+                "trunk-group",
+                "failover",
+                "1",
+                "--pbx-trunk-group",
+                "2",
+                "--no-pbx",
+            ],
+            &[
+                "trunk-group",
+                "failover",
+                "1",
+                "--pbx",
+                "sip:a.example",
+                "--pbx-trunk-group",
+                "2",
+            ],
+            &[
+                "did",
+                "failover",
+                "15550001111",
+                "--number",
+                "15550002222",
+                "--no-number",
+            ],
+        ] {
+            let mut argv = vec!["admin"];
+            argv.extend_from_slice(conflicting);
+            let err = Cli::try_parse_from(argv).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ArgumentConflict,
+                "{conflicting:?}"
+            );
+        }
         assert!(Cli::try_parse_from(["admin", "account", "remove", "x"]).is_err());
         assert!(Cli::try_parse_from(["admin", "trunk-group", "add", "--account", "1"]).is_err());
     }
@@ -429,6 +671,142 @@ mod tests {
         assert_eq!(run_ok(&store, &["trunk-group", "remove", "1"]).await, "");
         assert_eq!(run_ok(&store, &["account", "remove", "1"]).await, "");
         assert_eq!(run_ok(&store, &["account", "list"]).await, "");
+    }
+
+    #[tokio::test]
+    async fn failover_settings_are_set_shown_listed_and_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let acme = store.create_account("Acme").await.unwrap();
+        let main = store
+            .create_trunk_group(acme.id, "main", "acme-main", "pw", "lifeline")
+            .await
+            .unwrap();
+        let backup = store
+            .create_trunk_group(acme.id, "backup", "acme-backup", "pw", "lifeline")
+            .await
+            .unwrap();
+        store.create_did("+442071234567", main.id).await.unwrap();
+        let id = main.id.to_string();
+        let show = async |store: &Store| run_ok(store, &["trunk-group", "failover", &id]).await;
+
+        assert_eq!(show(&store).await, "-\t-\n");
+        assert_eq!(
+            run_ok(
+                &store,
+                &[
+                    "trunk-group",
+                    "failover",
+                    &id,
+                    "--number",
+                    "15550002222",
+                    "--pbx",
+                    "SIP:Backup.Example.COM;transport=tcp",
+                ]
+            )
+            .await,
+            ""
+        );
+        assert_eq!(
+            show(&store).await,
+            "+15550002222\tsip:backup.example.com;transport=tcp\n"
+        );
+        let listed = run_ok(&store, &["trunk-group", "list"]).await;
+        let first = fields(listed.lines().next().unwrap());
+        assert_eq!(first.len(), 8, "{listed:?}");
+        assert_eq!(
+            &first[6..],
+            ["+15550002222", "sip:backup.example.com;transport=tcp"]
+        );
+        let second = fields(listed.lines().nth(1).unwrap());
+        assert_eq!(&second[6..], ["-", "-"]);
+
+        // Only what is given changes.
+        let backup_id = backup.id.to_string();
+        run_ok(
+            &store,
+            &[
+                "trunk-group",
+                "failover",
+                &id,
+                "--pbx-trunk-group",
+                &backup_id,
+            ],
+        )
+        .await;
+        assert_eq!(
+            show(&store).await,
+            format!("+15550002222\ttrunk-group:{backup_id}\n")
+        );
+        run_ok(&store, &["trunk-group", "failover", &id, "--no-number"]).await;
+        assert_eq!(show(&store).await, format!("-\ttrunk-group:{backup_id}\n"));
+
+        // A refused change leaves everything as it was, even the part that was fine.
+        let err = run_err(
+            &store,
+            &[
+                "trunk-group",
+                "failover",
+                &id,
+                "--number",
+                "15550003333",
+                "--pbx",
+                "http://x",
+            ],
+        )
+        .await;
+        assert!(
+            matches!(
+                err,
+                AdminError::Store(StoreError::InvalidFailoverUri { .. })
+            ),
+            "{err:?}"
+        );
+        let err = run_err(
+            &store,
+            &["trunk-group", "failover", &id, "--number", "12", "--no-pbx"],
+        )
+        .await;
+        assert!(
+            matches!(err, AdminError::Store(StoreError::InvalidNumber { .. })),
+            "{err:?}"
+        );
+        assert_eq!(show(&store).await, format!("-\ttrunk-group:{backup_id}\n"));
+
+        run_ok(&store, &["trunk-group", "failover", &id, "--no-pbx"]).await;
+        assert_eq!(show(&store).await, "-\t-\n");
+        let err = run_err(&store, &["trunk-group", "failover", "99"]).await;
+        assert_eq!(err.to_string(), "no trunk group with id 99");
+        let err = run_err(&store, &["trunk-group", "failover", "99", "--no-pbx"]).await;
+        assert_eq!(err.to_string(), "no trunk group with id 99");
+
+        // DIDs.
+        assert_eq!(
+            run_ok(&store, &["did", "failover", "442071234567"]).await,
+            "-\n"
+        );
+        run_ok(
+            &store,
+            &["did", "failover", "442071234567", "--number", "15550001111"],
+        )
+        .await;
+        assert_eq!(
+            run_ok(&store, &["did", "failover", "+442071234567"]).await,
+            "+15550001111\n"
+        );
+        let listed = run_ok(&store, &["did", "list"]).await;
+        let f = fields(listed.trim_end());
+        assert_eq!(f.len(), 4, "{listed:?}");
+        assert_eq!([f[0], f[1], f[3]], ["+442071234567", &id, "+15550001111"]);
+        run_ok(&store, &["did", "failover", "442071234567", "--no-number"]).await;
+        assert_eq!(
+            run_ok(&store, &["did", "failover", "442071234567"]).await,
+            "-\n"
+        );
+        let err = run_err(&store, &["did", "failover", "+15559999999"]).await;
+        assert_eq!(err.to_string(), "no DID +15559999999");
+        let err = run_err(&store, &["did", "failover", "15559999999", "--no-number"]).await;
+        assert_eq!(err.to_string(), "no DID +15559999999");
     }
 
     #[tokio::test]

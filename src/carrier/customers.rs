@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use super::delivery_rule::FailoverPlan;
 use super::store::{Did, Store, StoreError, TrunkGroup, TrunkGroupId};
 
 /// One consistent view of the customer configuration.
@@ -60,6 +61,18 @@ impl Customers {
         match number.strip_prefix('+') {
             Some(_) => self.dids.get(number),
             None => self.dids.get(&format!("+{number}")),
+        }
+    }
+
+    /// The failover settings that apply to a call for `did` (DESIGN.md, "Words"): the DID's
+    /// own failover number, and its trunk group's global number and failover PBX. A DID whose
+    /// trunk group is not in this copy gets only its own number.
+    pub fn failover(&self, did: &Did) -> FailoverPlan {
+        let group = self.trunk_groups.get(&did.trunk_group_id);
+        FailoverPlan {
+            did_number: did.failover_number.clone(),
+            global_number: group.and_then(|g| g.failover_number.clone()),
+            pbx: group.and_then(|g| g.failover_pbx.clone()),
         }
     }
 
@@ -122,4 +135,109 @@ pub async fn watch_customers(
         }
     });
     Ok(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::carrier::delivery_rule::FailoverPbx;
+
+    fn group(id: TrunkGroupId, number: Option<&str>, pbx: Option<FailoverPbx>) -> TrunkGroup {
+        TrunkGroup {
+            id,
+            account_id: 1,
+            name: format!("group-{id}"),
+            username: format!("user-{id}"),
+            realm: "lifeline.test".into(),
+            ha1_md5: "0".repeat(32),
+            ha1_sha256: "0".repeat(64),
+            created_at: 0,
+            failover_number: number.map(str::to_owned),
+            failover_pbx: pbx,
+        }
+    }
+
+    fn did(number: &str, trunk_group_id: TrunkGroupId, failover: Option<&str>) -> Did {
+        Did {
+            number: number.into(),
+            trunk_group_id,
+            created_at: 0,
+            failover_number: failover.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn failover_combines_the_did_and_its_trunk_group() {
+        let customers = Customers::from_parts(
+            3,
+            vec![
+                group(
+                    1,
+                    Some("+15550002222"),
+                    Some(FailoverPbx::Uri("sip:backup.example.com".into())),
+                ),
+                group(2, None, Some(FailoverPbx::TrunkGroup(1))),
+                group(3, None, None),
+            ],
+            vec![
+                did("+15550000001", 1, Some("+15550001111")),
+                did("+15550000002", 1, None),
+                did("+15550000003", 2, None),
+                did("+15550000004", 3, None),
+                did("+15550000005", 3, Some("+15550005555")),
+                did("+15550000009", 9, Some("+15550009999")),
+            ],
+        );
+        let plan = |n: &str| customers.failover(customers.did(n).unwrap());
+
+        // Its own number, and the group's global number and PBX.
+        let p = plan("+15550000001");
+        assert_eq!(
+            p,
+            FailoverPlan {
+                did_number: Some("+15550001111".into()),
+                global_number: Some("+15550002222".into()),
+                pbx: Some(FailoverPbx::Uri("sip:backup.example.com".into())),
+            }
+        );
+        assert_eq!(p.number(), Some("+15550001111"), "the DID's own wins");
+
+        // No number of its own: the global one applies.
+        let p = plan("15550000002");
+        assert_eq!(p.did_number, None);
+        assert_eq!(p.number(), Some("+15550002222"));
+        assert!(p.is_configured());
+
+        // A failover trunk group only.
+        let p = plan("+15550000003");
+        assert_eq!(
+            p,
+            FailoverPlan {
+                did_number: None,
+                global_number: None,
+                pbx: Some(FailoverPbx::TrunkGroup(1)),
+            }
+        );
+        assert!(p.is_configured());
+
+        // Nothing anywhere: no failover (the call goes to the next trunk server).
+        let p = plan("+15550000004");
+        assert_eq!(p, FailoverPlan::default());
+        assert!(!p.is_configured());
+
+        // Only the DID's own.
+        let p = plan("+15550000005");
+        assert_eq!(p.number(), Some("+15550005555"));
+        assert_eq!((p.global_number, p.pbx), (None, None));
+
+        // A trunk group missing from the copy: the DID's own number still counts.
+        let p = plan("+15550000009");
+        assert_eq!(
+            p,
+            FailoverPlan {
+                did_number: Some("+15550009999".into()),
+                ..FailoverPlan::default()
+            }
+        );
+    }
 }

@@ -11,17 +11,25 @@
 //!   and SHA-256 (see [`crate::sip::digest::ha1`]), with the realm they were computed for;
 //! - SIP usernames are unique across the carrier, DID numbers are unique and stored in E.164
 //!   with the `+`, account names are unique, trunk group names are unique within an account;
+//! - failover numbers (a DID's own, a trunk group's global one) are E.164 with the `+`; a
+//!   failover PBX is either a `sip:`/`sips:` URI with a host and no password, kept in its
+//!   normalised text form, or another trunk group of the same account, never both;
 //! - removal is refused, never cascaded: an account is removed only without trunk groups, a
-//!   trunk group only without DIDs. Deleting routing by accident is worse than one more step.
+//!   trunk group only without DIDs and while no other trunk group uses it as its failover PBX.
+//!   Deleting routing by accident is worse than one more step.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytestring::ByteString;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
 };
 
+use crate::carrier::delivery_rule::FailoverPbx;
 use crate::sip::digest::{Algorithm, ha1};
+use crate::sip::uri::{Host, Uri};
 
 /// The database file inside the data folder.
 pub const STORE_FILE: &str = "store.sqlite3";
@@ -34,6 +42,9 @@ pub const MAX_NAME_CHARS: usize = 200;
 
 /// Longest SIP username, in bytes (all token characters are ASCII).
 pub const MAX_USERNAME_LEN: usize = 64;
+
+/// Longest failover PBX URI, in bytes.
+pub const MAX_FAILOVER_URI_LEN: usize = 1024;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
@@ -115,6 +126,47 @@ pub enum StoreError {
     /// The trunk group still has DIDs; they must be removed first.
     #[error("trunk group {id} still has {count} DID(s); remove them first")]
     TrunkGroupHasDids { id: TrunkGroupId, count: i64 },
+    /// The trunk group is the failover PBX of other trunk groups (`used_by`, by id); their
+    /// failover PBX must be changed first.
+    #[error(
+        "trunk group {id} is the failover PBX of trunk group(s) {}; change theirs first",
+        join_ids(used_by)
+    )]
+    TrunkGroupIsFailoverPbx {
+        id: TrunkGroupId,
+        used_by: Vec<TrunkGroupId>,
+    },
+    /// A failover PBX URI is not a `sip:` or `sips:` URI with a host that a call can be sent
+    /// to: `reason` says what is wrong.
+    #[error("invalid failover PBX URI {input:?}: {reason}")]
+    InvalidFailoverUri { input: String, reason: &'static str },
+    /// The trunk group named as a failover PBX does not exist.
+    #[error("no trunk group with id {0} to use as failover PBX")]
+    FailoverPbxNotFound(TrunkGroupId),
+    /// A trunk group cannot be its own failover PBX.
+    #[error("trunk group {0} cannot be its own failover PBX")]
+    FailoverPbxIsItself(TrunkGroupId),
+    /// The trunk group named as a failover PBX belongs to another account.
+    #[error(
+        "trunk group {pbx} belongs to account {pbx_account}, not to account {account} of \
+         trunk group {id}: a failover PBX must be a trunk group of the same account"
+    )]
+    FailoverPbxOtherAccount {
+        /// The trunk group whose failover PBX was being set.
+        id: TrunkGroupId,
+        account: AccountId,
+        /// The trunk group named as its failover PBX.
+        pbx: TrunkGroupId,
+        pbx_account: AccountId,
+    },
+}
+
+/// `1, 2, 3`
+fn join_ids(ids: &[TrunkGroupId]) -> String {
+    ids.iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A value the store keeps unique, as named in [`StoreError::Duplicate`].
@@ -150,8 +202,8 @@ pub struct Account {
     pub created_at: i64,
 }
 
-/// A trunk group: one customer PBX connection and its SIP credentials.
-#[derive(Clone, PartialEq, Eq, sqlx::FromRow)]
+/// A trunk group: one customer PBX connection, its SIP credentials and its failover settings.
+#[derive(Clone, PartialEq, Eq)]
 pub struct TrunkGroup {
     pub id: TrunkGroupId,
     pub account_id: AccountId,
@@ -167,6 +219,44 @@ pub struct TrunkGroup {
     pub ha1_sha256: String,
     /// Unix seconds, UTC.
     pub created_at: i64,
+    /// The global failover number, E.164 with the `+`: used for DIDs without their own.
+    pub failover_number: Option<String>,
+    /// The failover PBX: a normalised `sip:`/`sips:` URI, or another trunk group of the same
+    /// account.
+    pub failover_pbx: Option<FailoverPbx>,
+}
+
+/// The failover PBX is two nullable columns (a URI, a trunk group id), at most one set.
+impl<'r> sqlx::FromRow<'r, SqliteRow> for TrunkGroup {
+    fn from_row(row: &'r SqliteRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        let uri: Option<String> = row.try_get("failover_pbx_uri")?;
+        let group: Option<TrunkGroupId> = row.try_get("failover_pbx_trunk_group")?;
+        let failover_pbx = match (uri, group) {
+            (None, None) => None,
+            (Some(uri), None) => Some(FailoverPbx::Uri(uri)),
+            (None, Some(id)) => Some(FailoverPbx::TrunkGroup(id)),
+            // The schema's CHECK forbids it; say so rather than pick one.
+            (Some(_), Some(_)) => {
+                return Err(sqlx::Error::ColumnDecode {
+                    index: "failover_pbx_trunk_group".into(),
+                    source: "both a failover PBX URI and a failover PBX trunk group are set".into(),
+                });
+            }
+        };
+        Ok(TrunkGroup {
+            id: row.try_get("id")?,
+            account_id: row.try_get("account_id")?,
+            name: row.try_get("name")?,
+            username: row.try_get("username")?,
+            realm: row.try_get("realm")?,
+            ha1_md5: row.try_get("ha1_md5")?,
+            ha1_sha256: row.try_get("ha1_sha256")?,
+            created_at: row.try_get("created_at")?,
+            failover_number: row.try_get("failover_number")?,
+            failover_pbx,
+        })
+    }
 }
 
 impl TrunkGroup {
@@ -191,6 +281,8 @@ impl std::fmt::Debug for TrunkGroup {
             .field("ha1_md5", &"<redacted>")
             .field("ha1_sha256", &"<redacted>")
             .field("created_at", &self.created_at)
+            .field("failover_number", &self.failover_number)
+            .field("failover_pbx", &self.failover_pbx)
             .finish()
     }
 }
@@ -203,6 +295,9 @@ pub struct Did {
     pub trunk_group_id: TrunkGroupId,
     /// Unix seconds, UTC.
     pub created_at: i64,
+    /// The DID's own failover number, E.164 with the `+`; when unset, its trunk group's global
+    /// one applies.
+    pub failover_number: Option<String>,
 }
 
 /// Checks an E.164 number and returns it with the leading `+`.
@@ -228,6 +323,99 @@ pub fn normalize_e164(input: &str) -> Result<String, StoreError> {
         return Err(refuse("a country code never starts with 0"));
     }
     Ok(format!("+{digits}"))
+}
+
+/// Checks a failover PBX URI and returns it in the normalised form the store keeps.
+///
+/// Accepted: a `sip:` or `sips:` URI (RFC 3261 §19.1) whose host is an IP address (IPv6 in
+/// brackets) or a DNS name of letters, digits and hyphens, with an optional user part, port
+/// (not 0) and parameters. Refused: other schemes, a password, headers (`?…`, not allowed in a
+/// request URI), a `method` parameter, a `transport` other than `udp`, `tcp` or `tls`, and
+/// `sips:` with `transport=udp`. The normal form is the URI's [`Display`](std::fmt::Display):
+/// the scheme and a host name in lowercase, everything else as written.
+pub fn normalize_failover_uri(input: &str) -> Result<String, StoreError> {
+    let refuse = |reason| StoreError::InvalidFailoverUri {
+        input: input.to_owned(),
+        reason,
+    };
+    if input.len() > MAX_FAILOVER_URI_LEN {
+        return Err(refuse("longer than 1024 characters"));
+    }
+    let Uri::Sip(mut uri) = Uri::parse(&ByteString::from(input)).map_err(refuse)? else {
+        return Err(refuse("only sip: and sips: URIs can be a failover PBX"));
+    };
+    if uri.password.is_some() {
+        return Err(refuse("a password does not belong in a URI"));
+    }
+    if uri.headers.is_some() {
+        return Err(refuse("headers ('?…') are not allowed in a request URI"));
+    }
+    if uri.port == Some(0) {
+        return Err(refuse("port 0"));
+    }
+    if let Host::Name(name) = &uri.host {
+        check_host_name(name).map_err(refuse)?;
+        uri.host = Host::Name(ByteString::from(name.to_ascii_lowercase()));
+    }
+    let param_char = |b: u8| b.is_ascii_alphanumeric() || b"-_.!~*'()%[]/:&+$".contains(&b);
+    for p in &uri.params.0 {
+        if !p
+            .name
+            .bytes()
+            .chain(p.value.iter().flat_map(|v| v.bytes()))
+            .all(param_char)
+        {
+            return Err(refuse(
+                "a URI parameter has a character that must be escaped",
+            ));
+        }
+    }
+    if uri.params.has("method") {
+        return Err(refuse("a method parameter is not allowed in a request URI"));
+    }
+    match uri.params.get("transport") {
+        None => {}
+        Some(Some(t)) if t.eq_ignore_ascii_case("udp") && uri.secure => {
+            return Err(refuse("sips: cannot use transport=udp"));
+        }
+        Some(Some(t))
+            if ["udp", "tcp", "tls"]
+                .iter()
+                .any(|k| t.eq_ignore_ascii_case(k)) => {}
+        Some(_) => return Err(refuse("transport must be udp, tcp or tls")),
+    }
+    Ok(uri.to_string())
+}
+
+/// A DNS host name: dot-separated labels of 1 to 63 letters, digits and hyphens (not first or
+/// last), 253 characters at most, and not all digits at the end (a mistyped IPv4 address).
+fn check_host_name(name: &str) -> Result<(), &'static str> {
+    if name.len() > 253 {
+        return Err("host name longer than 253 characters");
+    }
+    let mut last = "";
+    for label in name.split('.') {
+        if label.is_empty() {
+            return Err("empty label in host name");
+        }
+        if label.len() > 63 {
+            return Err("host name label longer than 63 characters");
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err("host names hold only letters, digits, hyphens and dots");
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err("a host name label neither starts nor ends with a hyphen");
+        }
+        last = label;
+    }
+    if last.bytes().all(|b| b.is_ascii_digit()) {
+        return Err("not a valid IP address or host name");
+    }
+    Ok(())
 }
 
 /// Checks a SIP username: 1 to 64 RFC 3261 token characters.
@@ -359,8 +547,19 @@ fn is_foreign_key(e: &sqlx::Error) -> bool {
 macro_rules! select_trunk_groups {
     ($rest:literal) => {
         concat!(
-            "SELECT id, account_id, name, username, realm, ha1_md5, ha1_sha256, created_at ",
+            "SELECT id, account_id, name, username, realm, ha1_md5, ha1_sha256, created_at, ",
+            "failover_number, failover_pbx_uri, failover_pbx_trunk_group ",
             "FROM trunk_groups ",
+            $rest
+        )
+    };
+}
+
+/// `SELECT <every DID column> FROM dids <rest>`.
+macro_rules! select_dids {
+    ($rest:literal) => {
+        concat!(
+            "SELECT number, trunk_group_id, created_at, failover_number FROM dids ",
             $rest
         )
     };
@@ -565,6 +764,8 @@ impl Store {
             ha1_md5,
             ha1_sha256,
             created_at,
+            failover_number: None,
+            failover_pbx: None,
         })
     }
 
@@ -638,7 +839,8 @@ impl Store {
         Ok(())
     }
 
-    /// Removes a trunk group; refused while it has DIDs.
+    /// Removes a trunk group; refused while it has DIDs or is another trunk group's failover
+    /// PBX.
     pub async fn remove_trunk_group(&self, id: TrunkGroupId) -> Result<(), StoreError> {
         match sqlx::query("DELETE FROM trunk_groups WHERE id = ?")
             .bind(id)
@@ -648,15 +850,108 @@ impl Store {
             Ok(done) if done.rows_affected() == 0 => Err(StoreError::TrunkGroupNotFound(id)),
             Ok(_) => Ok(()),
             Err(e) if is_foreign_key(&e) => {
-                let count =
+                let count: i64 =
                     sqlx::query_scalar("SELECT count(*) FROM dids WHERE trunk_group_id = ?")
                         .bind(id)
                         .fetch_one(&self.pool)
                         .await?;
-                Err(StoreError::TrunkGroupHasDids { id, count })
+                if count > 0 {
+                    return Err(StoreError::TrunkGroupHasDids { id, count });
+                }
+                let used_by: Vec<TrunkGroupId> = sqlx::query_scalar(
+                    "SELECT id FROM trunk_groups WHERE failover_pbx_trunk_group = ? ORDER BY id",
+                )
+                .bind(id)
+                .fetch_all(&self.pool)
+                .await?;
+                if used_by.is_empty() {
+                    // Whatever was in the way is gone by now: say what SQLite said.
+                    return Err(e.into());
+                }
+                Err(StoreError::TrunkGroupIsFailoverPbx { id, used_by })
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Sets (`Some`, with or without the `+`) or clears (`None`) a trunk group's global
+    /// failover number. Returns the number as stored.
+    pub async fn set_trunk_group_failover_number(
+        &self,
+        id: TrunkGroupId,
+        number: Option<&str>,
+    ) -> Result<Option<String>, StoreError> {
+        let number = number.map(normalize_e164).transpose()?;
+        let done = sqlx::query("UPDATE trunk_groups SET failover_number = ? WHERE id = ?")
+            .bind(&number)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::TrunkGroupNotFound(id));
+        }
+        Ok(number)
+    }
+
+    /// Sets or clears (`None`) a trunk group's failover PBX, replacing the one it had (a URI
+    /// replaces a trunk group and the other way round). A URI must pass
+    /// [`normalize_failover_uri`] and is stored normalised; a trunk group must exist, belong
+    /// to the same account and not be `id` itself. Returns the failover PBX as stored.
+    pub async fn set_trunk_group_failover_pbx(
+        &self,
+        id: TrunkGroupId,
+        pbx: Option<&FailoverPbx>,
+    ) -> Result<Option<FailoverPbx>, StoreError> {
+        // At most one of the two columns is set: enforced here, and by a CHECK in the schema.
+        let (uri, group) = match pbx {
+            None => (None, None),
+            Some(FailoverPbx::Uri(uri)) => (Some(normalize_failover_uri(uri)?), None),
+            Some(&FailoverPbx::TrunkGroup(pbx)) => {
+                if pbx == id {
+                    return Err(StoreError::FailoverPbxIsItself(id));
+                }
+                (None, Some(pbx))
+            }
+        };
+        let Some(owner) = self.trunk_group(id).await? else {
+            return Err(StoreError::TrunkGroupNotFound(id));
+        };
+        if let Some(pbx) = group {
+            let Some(target) = self.trunk_group(pbx).await? else {
+                return Err(StoreError::FailoverPbxNotFound(pbx));
+            };
+            // A trunk group never changes account, so this check cannot go stale.
+            if target.account_id != owner.account_id {
+                return Err(StoreError::FailoverPbxOtherAccount {
+                    id,
+                    account: owner.account_id,
+                    pbx,
+                    pbx_account: target.account_id,
+                });
+            }
+        }
+        let done = sqlx::query(
+            "UPDATE trunk_groups SET failover_pbx_uri = ?, failover_pbx_trunk_group = ? \
+             WHERE id = ?",
+        )
+        .bind(&uri)
+        .bind(group)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| match group {
+            // The target was removed since it was looked up.
+            Some(pbx) if is_foreign_key(&e) => StoreError::FailoverPbxNotFound(pbx),
+            _ => StoreError::Database(e),
+        })?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::TrunkGroupNotFound(id));
+        }
+        Ok(match (uri, group) {
+            (Some(uri), _) => Some(FailoverPbx::Uri(uri)),
+            (None, Some(pbx)) => Some(FailoverPbx::TrunkGroup(pbx)),
+            (None, None) => None,
+        })
     }
 
     // ---- DIDs ----
@@ -686,6 +981,7 @@ impl Store {
             number,
             trunk_group_id,
             created_at,
+            failover_number: None,
         })
     }
 
@@ -693,11 +989,10 @@ impl Store {
     /// [`StoreError::InvalidNumber`], an unknown one `Ok(None)`.
     pub async fn did(&self, number: &str) -> Result<Option<Did>, StoreError> {
         let number = normalize_e164(number)?;
-        let did =
-            sqlx::query_as("SELECT number, trunk_group_id, created_at FROM dids WHERE number = ?")
-                .bind(&number)
-                .fetch_optional(&self.pool)
-                .await?;
+        let did = sqlx::query_as(select_dids!("WHERE number = ?"))
+            .bind(&number)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(did)
     }
 
@@ -706,14 +1001,33 @@ impl Store {
         &self,
         trunk_group_id: Option<TrunkGroupId>,
     ) -> Result<Vec<Did>, StoreError> {
-        let dids = sqlx::query_as(
-            "SELECT number, trunk_group_id, created_at FROM dids \
-             WHERE ?1 IS NULL OR trunk_group_id = ?1 ORDER BY number",
-        )
+        let dids = sqlx::query_as(select_dids!(
+            "WHERE ?1 IS NULL OR trunk_group_id = ?1 ORDER BY number"
+        ))
         .bind(trunk_group_id)
         .fetch_all(&self.pool)
         .await?;
         Ok(dids)
+    }
+
+    /// Sets (`Some`) or clears (`None`) a DID's own failover number; both numbers may be given
+    /// with or without the `+`. Returns the failover number as stored.
+    pub async fn set_did_failover_number(
+        &self,
+        number: &str,
+        failover_number: Option<&str>,
+    ) -> Result<Option<String>, StoreError> {
+        let number = normalize_e164(number)?;
+        let failover_number = failover_number.map(normalize_e164).transpose()?;
+        let done = sqlx::query("UPDATE dids SET failover_number = ? WHERE number = ?")
+            .bind(&failover_number)
+            .bind(&number)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::DidNotFound(number));
+        }
+        Ok(failover_number)
     }
 
     /// Removes a DID, given with or without the `+`.
@@ -1336,5 +1650,620 @@ mod tests {
         tokio::join!(write(&one, "one"), write(&two, "two"));
         assert_eq!(one.list_accounts().await.unwrap().len(), 50);
         assert_eq!(two.config_version().await.unwrap(), 50);
+    }
+    #[test]
+    fn failover_uris_are_checked_and_normalised() {
+        for (input, want) in [
+            ("sip:127.0.0.12:5060", "sip:127.0.0.12:5060"),
+            ("sip:127.0.0.12", "sip:127.0.0.12"),
+            (
+                "sip:backup.example.com;transport=tcp",
+                "sip:backup.example.com;transport=tcp",
+            ),
+            (
+                "SIPS:Backup.Example.COM:5061",
+                "sips:backup.example.com:5061",
+            ),
+            (
+                "sips:backup.example.com;transport=TLS",
+                "sips:backup.example.com;transport=TLS",
+            ),
+            ("sip:[::1]:5070", "sip:[::1]:5070"),
+            ("sip:[2001:DB8::1]", "sip:[2001:db8::1]"),
+            (
+                "sip:+442071234567@pbx.example.com",
+                "sip:+442071234567@pbx.example.com",
+            ),
+            ("sip:localhost;lr", "sip:localhost;lr"),
+            (
+                "sip:pbx-2.example.com;transport=udp",
+                "sip:pbx-2.example.com;transport=udp",
+            ),
+        ] {
+            assert_eq!(normalize_failover_uri(input).unwrap(), want, "{input}");
+        }
+        for (bad, reason) in [
+            ("http://x", "only sip: and sips: URIs can be a failover PBX"),
+            (
+                "tel:+442071234567",
+                "only sip: and sips: URIs can be a failover PBX",
+            ),
+            ("backup.example.com", "URI without scheme"),
+            ("sip:", "bad host name"),
+            ("sip:user@", "bad host name"),
+            ("sip:a b.example.com", "white space in URI"),
+            (
+                "sip:u:secret@pbx.example.com",
+                "a password does not belong in a URI",
+            ),
+            (
+                "sip:pbx.example.com?subject=x",
+                "headers ('?…') are not allowed in a request URI",
+            ),
+            ("sip:pbx.example.com:0", "port 0"),
+            ("sip:pbx.example.com:70000", "port out of range"),
+            ("sip:pbx..example.com", "empty label in host name"),
+            ("sip:pbx.example.com.", "empty label in host name"),
+            (
+                "sip:pbx_1.example.com",
+                "host names hold only letters, digits, hyphens and dots",
+            ),
+            (
+                "sip:-pbx.example.com",
+                "a host name label neither starts nor ends with a hyphen",
+            ),
+            ("sip:127.0.0.256", "not a valid IP address or host name"),
+            (
+                "sip:pbx.example.com;method=INVITE",
+                "a method parameter is not allowed in a request URI",
+            ),
+            (
+                "sip:pbx.example.com;transport=ws",
+                "transport must be udp, tcp or tls",
+            ),
+            (
+                "sip:pbx.example.com;transport",
+                "transport must be udp, tcp or tls",
+            ),
+            (
+                "sips:pbx.example.com;transport=udp",
+                "sips: cannot use transport=udp",
+            ),
+            (
+                "sip:pbx.example.com;x=<y>",
+                "a URI parameter has a character that must be escaped",
+            ),
+        ] {
+            let err = normalize_failover_uri(bad).unwrap_err();
+            assert!(
+                matches!(&err, StoreError::InvalidFailoverUri { input, reason: r }
+                    if input == bad && *r == reason),
+                "{bad:?}: {err:?}"
+            );
+        }
+        let long = format!("sip:{}.example.com", "a".repeat(MAX_FAILOVER_URI_LEN));
+        assert!(matches!(
+            normalize_failover_uri(&long),
+            Err(StoreError::InvalidFailoverUri {
+                reason: "longer than 1024 characters",
+                ..
+            })
+        ));
+        assert_eq!(
+            normalize_failover_uri("http://x").unwrap_err().to_string(),
+            "invalid failover PBX URI \"http://x\": only sip: and sips: URIs can be a failover PBX"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_trunk_groups_failover_number_is_set_normalised_and_cleared() {
+        let (_dir, store, _acme, main) = seeded().await;
+        assert_eq!(main.failover_number, None);
+        assert_eq!(main.failover_pbx, None);
+        let v0 = store.config_version().await.unwrap();
+        assert_eq!(
+            store
+                .set_trunk_group_failover_number(main.id, Some("15550002222"))
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("+15550002222")
+        );
+        let got = store.trunk_group(main.id).await.unwrap().unwrap();
+        assert_eq!(got.failover_number.as_deref(), Some("+15550002222"));
+        assert_eq!(
+            (got.name.as_str(), got.ha1_md5.as_str()),
+            ("main", main.ha1_md5.as_str())
+        );
+        let v1 = store.config_version().await.unwrap();
+        assert!(v1 > v0);
+
+        // Refusals change nothing.
+        for bad in ["12", "+0123456789", "+44 20 7123 4567", ""] {
+            let err = store
+                .set_trunk_group_failover_number(main.id, Some(bad))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&err, StoreError::InvalidNumber { input, .. } if input == bad),
+                "{bad:?}: {err:?}"
+            );
+        }
+        assert!(matches!(
+            store
+                .set_trunk_group_failover_number(999, Some("+15550002222"))
+                .await,
+            Err(StoreError::TrunkGroupNotFound(999))
+        ));
+        assert!(matches!(
+            store.set_trunk_group_failover_number(999, None).await,
+            Err(StoreError::TrunkGroupNotFound(999))
+        ));
+        assert_eq!(store.config_version().await.unwrap(), v1);
+        assert_eq!(
+            store
+                .trunk_group(main.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .failover_number
+                .as_deref(),
+            Some("+15550002222")
+        );
+
+        assert_eq!(
+            store
+                .set_trunk_group_failover_number(main.id, None)
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            store
+                .trunk_group(main.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .failover_number,
+            None
+        );
+        assert!(store.config_version().await.unwrap() > v1);
+    }
+
+    #[tokio::test]
+    async fn a_trunk_groups_failover_pbx_is_a_uri_or_a_trunk_group_never_both() {
+        let (_dir, store, acme, main) = seeded().await;
+        let backup = store
+            .create_trunk_group(acme.id, "backup", "acme-backup", "pw", REALM)
+            .await
+            .unwrap();
+        let v0 = store.config_version().await.unwrap();
+
+        let set = store
+            .set_trunk_group_failover_pbx(
+                main.id,
+                Some(&FailoverPbx::Uri(
+                    "SIP:Backup.Example.COM;transport=tcp".into(),
+                )),
+            )
+            .await
+            .unwrap();
+        let uri = FailoverPbx::Uri("sip:backup.example.com;transport=tcp".into());
+        assert_eq!(set.as_ref(), Some(&uri));
+        let got = store.trunk_group(main.id).await.unwrap().unwrap();
+        assert_eq!(got.failover_pbx.as_ref(), Some(&uri));
+        let v1 = store.config_version().await.unwrap();
+        assert!(v1 > v0);
+
+        // A trunk group replaces the URI.
+        let group = FailoverPbx::TrunkGroup(backup.id);
+        assert_eq!(
+            store
+                .set_trunk_group_failover_pbx(main.id, Some(&group))
+                .await
+                .unwrap()
+                .as_ref(),
+            Some(&group)
+        );
+        assert_eq!(
+            store
+                .trunk_group(main.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .failover_pbx,
+            Some(group.clone())
+        );
+        let (uri_col, group_col): (Option<String>, Option<i64>) = sqlx::query_as(
+            "SELECT failover_pbx_uri, failover_pbx_trunk_group FROM trunk_groups WHERE id = ?",
+        )
+        .bind(main.id)
+        .fetch_one(&store.pool)
+        .await
+        .unwrap();
+        assert_eq!((uri_col, group_col), (None, Some(backup.id)));
+        let v2 = store.config_version().await.unwrap();
+        assert!(v2 > v1);
+
+        // And a URI replaces the trunk group.
+        store
+            .set_trunk_group_failover_pbx(
+                main.id,
+                Some(&FailoverPbx::Uri("sip:127.0.0.12:5060".into())),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .trunk_group(main.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .failover_pbx,
+            Some(FailoverPbx::Uri("sip:127.0.0.12:5060".into()))
+        );
+        // The other group is untouched throughout.
+        assert_eq!(
+            store.trunk_group(backup.id).await.unwrap(),
+            Some(backup.clone())
+        );
+
+        // None clears both.
+        assert_eq!(
+            store
+                .set_trunk_group_failover_pbx(main.id, None)
+                .await
+                .unwrap(),
+            None
+        );
+        let (uri_col, group_col): (Option<String>, Option<i64>) = sqlx::query_as(
+            "SELECT failover_pbx_uri, failover_pbx_trunk_group FROM trunk_groups WHERE id = ?",
+        )
+        .bind(main.id)
+        .fetch_one(&store.pool)
+        .await
+        .unwrap();
+        assert_eq!((uri_col, group_col), (None, None));
+        assert!(store.config_version().await.unwrap() > v2);
+    }
+
+    #[tokio::test]
+    async fn a_bad_failover_pbx_is_refused_and_changes_nothing() {
+        let (_dir, store, acme, main) = seeded().await;
+        let globex = store.create_account("Globex").await.unwrap();
+        let foreign = store
+            .create_trunk_group(globex.id, "main", "globex-main", "pw", REALM)
+            .await
+            .unwrap();
+        let uri = FailoverPbx::Uri("sip:backup.example.com".into());
+        store
+            .set_trunk_group_failover_pbx(main.id, Some(&uri))
+            .await
+            .unwrap();
+        let version = store.config_version().await.unwrap();
+
+        let err = store
+            .set_trunk_group_failover_pbx(main.id, Some(&FailoverPbx::Uri("http://x".into())))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::InvalidFailoverUri { input, .. } if input == "http://x"),
+            "{err:?}"
+        );
+
+        let err = store
+            .set_trunk_group_failover_pbx(main.id, Some(&FailoverPbx::TrunkGroup(foreign.id)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::FailoverPbxOtherAccount { id, account, pbx, pbx_account }
+                    if id == main.id && account == acme.id
+                        && pbx == foreign.id && pbx_account == globex.id
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "trunk group {} belongs to account {}, not to account {} of trunk group {}: \
+                 a failover PBX must be a trunk group of the same account",
+                foreign.id, globex.id, acme.id, main.id
+            )
+        );
+
+        let err = store
+            .set_trunk_group_failover_pbx(main.id, Some(&FailoverPbx::TrunkGroup(main.id)))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::FailoverPbxIsItself(id) if id == main.id));
+        assert_eq!(
+            err.to_string(),
+            format!("trunk group {} cannot be its own failover PBX", main.id)
+        );
+
+        let err = store
+            .set_trunk_group_failover_pbx(main.id, Some(&FailoverPbx::TrunkGroup(999)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::FailoverPbxNotFound(999)),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "no trunk group with id 999 to use as failover PBX"
+        );
+
+        for pbx in [Some(&uri), None] {
+            assert!(matches!(
+                store.set_trunk_group_failover_pbx(999, pbx).await,
+                Err(StoreError::TrunkGroupNotFound(999))
+            ));
+        }
+        assert_eq!(store.config_version().await.unwrap(), version);
+        assert_eq!(
+            store
+                .trunk_group(main.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .failover_pbx,
+            Some(uri)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_schema_refuses_bad_failover_values_from_other_writers() {
+        let (_dir, store, acme, main) = seeded().await;
+        let backup = store
+            .create_trunk_group(acme.id, "backup", "acme-backup", "pw", REALM)
+            .await
+            .unwrap();
+        let update = async |sql: &str| {
+            sqlx::query(sql)
+                .bind(main.id)
+                .execute(&store.pool)
+                .await
+                .map(|_| ())
+        };
+        store.create_did("+442071234567", main.id).await.unwrap();
+        let check = "CHECK constraint failed";
+        for (sql, want) in [
+            (
+                "UPDATE trunk_groups SET failover_number = '15550002222' WHERE id = ?",
+                check,
+            ),
+            (
+                "UPDATE trunk_groups SET failover_pbx_uri = 'http://x' WHERE id = ?",
+                check,
+            ),
+            (
+                "UPDATE trunk_groups SET failover_pbx_trunk_group = id WHERE id = ?",
+                check,
+            ),
+            (
+                "UPDATE trunk_groups SET failover_pbx_uri = 'sip:x.example', \
+                 failover_pbx_trunk_group = 2 WHERE id = ?",
+                check,
+            ),
+            (
+                "UPDATE trunk_groups SET failover_pbx_trunk_group = 999 WHERE id = ?",
+                "FOREIGN KEY constraint failed",
+            ),
+            (
+                "UPDATE dids SET failover_number = '15550002222' WHERE trunk_group_id = ?",
+                check,
+            ),
+        ] {
+            let err = update(sql).await.unwrap_err();
+            assert!(err.to_string().contains(want), "{sql}: {err}");
+        }
+        let version = store.config_version().await.unwrap();
+        update("UPDATE trunk_groups SET failover_pbx_trunk_group = 2 WHERE id = ?")
+            .await
+            .unwrap();
+        assert_eq!(backup.id, 2);
+        assert_eq!(
+            store
+                .trunk_group(main.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .failover_pbx,
+            Some(FailoverPbx::TrunkGroup(2))
+        );
+        assert!(store.config_version().await.unwrap() > version);
+    }
+
+    #[tokio::test]
+    async fn a_trunk_group_that_is_a_failover_pbx_is_not_removed() {
+        let (_dir, store, acme, main) = seeded().await;
+        let backup = store
+            .create_trunk_group(acme.id, "backup", "acme-backup", "pw", REALM)
+            .await
+            .unwrap();
+        let third = store
+            .create_trunk_group(acme.id, "third", "acme-third", "pw", REALM)
+            .await
+            .unwrap();
+        for g in [main.id, third.id] {
+            store
+                .set_trunk_group_failover_pbx(g, Some(&FailoverPbx::TrunkGroup(backup.id)))
+                .await
+                .unwrap();
+        }
+        let version = store.config_version().await.unwrap();
+        let err = store.remove_trunk_group(backup.id).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::TrunkGroupIsFailoverPbx { id, used_by }
+                if *id == backup.id && *used_by == [main.id, third.id]),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "trunk group {} is the failover PBX of trunk group(s) {}, {}; change theirs first",
+                backup.id, main.id, third.id
+            )
+        );
+        // DIDs are named first when both are in the way.
+        store.create_did("+442071234567", backup.id).await.unwrap();
+        assert!(matches!(
+            store.remove_trunk_group(backup.id).await,
+            Err(StoreError::TrunkGroupHasDids { count: 1, .. })
+        ));
+        store.remove_did("+442071234567").await.unwrap();
+        let version = version + 2;
+        assert_eq!(store.config_version().await.unwrap(), version);
+
+        // A group that uses another as failover PBX can itself be removed.
+        store.remove_trunk_group(third.id).await.unwrap();
+        store
+            .set_trunk_group_failover_pbx(main.id, None)
+            .await
+            .unwrap();
+        store.remove_trunk_group(backup.id).await.unwrap();
+        assert_eq!(store.list_trunk_groups(None).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_dids_failover_number_is_set_listed_and_cleared() {
+        let (_dir, store, _acme, main) = seeded().await;
+        let did = store.create_did("+442071234567", main.id).await.unwrap();
+        assert_eq!(did.failover_number, None);
+        let v0 = store.config_version().await.unwrap();
+
+        assert_eq!(
+            store
+                .set_did_failover_number("442071234567", Some("15550001111"))
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("+15550001111")
+        );
+        let got = store.did("+442071234567").await.unwrap().unwrap();
+        assert_eq!(got.failover_number.as_deref(), Some("+15550001111"));
+        assert_eq!(
+            store.list_dids(None).await.unwrap(),
+            std::slice::from_ref(&got)
+        );
+        assert_eq!(
+            store.list_dids(Some(main.id)).await.unwrap(),
+            std::slice::from_ref(&got)
+        );
+        let v1 = store.config_version().await.unwrap();
+        assert!(v1 > v0);
+
+        let err = store
+            .set_did_failover_number("+442071234567", Some("12"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::InvalidNumber { input, .. } if input == "12"),
+            "{err:?}"
+        );
+        let err = store
+            .set_did_failover_number("not-a-number", Some("+15550001111"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::InvalidNumber { input, .. } if input == "not-a-number"),
+            "{err:?}"
+        );
+        for failover in [Some("+15550001111"), None] {
+            let err = store
+                .set_did_failover_number("15559999999", failover)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&err, StoreError::DidNotFound(n) if n == "+15559999999"),
+                "{err:?}"
+            );
+        }
+        assert_eq!(store.config_version().await.unwrap(), v1);
+        assert_eq!(store.did("+442071234567").await.unwrap(), Some(got));
+
+        assert_eq!(
+            store
+                .set_did_failover_number("+442071234567", None)
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            store
+                .did("+442071234567")
+                .await
+                .unwrap()
+                .unwrap()
+                .failover_number,
+            None
+        );
+        assert!(store.config_version().await.unwrap() > v1);
+    }
+
+    #[tokio::test]
+    async fn a_store_from_before_failover_is_migrated_and_keeps_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STORE_FILE);
+        // Only the first migration, as an older Lifeline left the file.
+        {
+            let pool = SqlitePoolOptions::new()
+                .connect_with(sqlite_options(&path).foreign_keys(true))
+                .await
+                .unwrap();
+            let mut first = sqlx::migrate::Migrator::new(Path::new(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/migrations/sqlite"
+            )))
+            .await
+            .unwrap();
+            first.migrations = std::borrow::Cow::Owned(
+                first
+                    .migrations
+                    .iter()
+                    .filter(|m| m.version == 1)
+                    .cloned()
+                    .collect(),
+            );
+            first.run(&pool).await.unwrap();
+            sqlx::query("INSERT INTO accounts (name, created_at) VALUES ('Acme', 1)")
+                .execute(&pool)
+                .await
+                .unwrap();
+            sqlx::query(
+                "INSERT INTO trunk_groups \
+                 (account_id, name, username, realm, ha1_md5, ha1_sha256, created_at) \
+                 VALUES (1, 'main', 'acme', 'r', ?, ?, 2)",
+            )
+            .bind("0".repeat(32))
+            .bind("0".repeat(64))
+            .execute(&pool)
+            .await
+            .unwrap();
+            sqlx::query("INSERT INTO dids VALUES ('+442071234567', 1, 3)")
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        }
+        let store = Store::open(dir.path()).await.unwrap();
+        let group = store.trunk_group(1).await.unwrap().unwrap();
+        assert_eq!(
+            (
+                group.name.as_str(),
+                group.failover_number,
+                group.failover_pbx
+            ),
+            ("main", None, None)
+        );
+        let did = store.did("+442071234567").await.unwrap().unwrap();
+        assert_eq!((did.created_at, did.failover_number), (3, None));
+        store
+            .set_did_failover_number("+442071234567", Some("+15550001111"))
+            .await
+            .unwrap();
     }
 }
