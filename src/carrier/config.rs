@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::delivery_rule::{DeliveryConfig, FailoverSet};
-use super::proxy::{Cidr, ProxyConfig};
+use super::proxy::{Cidr, Hop, Peer, ProxyConfig};
 use super::registrar::RegistrarConfig;
 use crate::sip::digest::Algorithm;
 use crate::sip::transaction::TimerConfig;
@@ -111,6 +111,31 @@ pub struct CarrierConfig {
     pub timer_c_ms: u64,
     /// Final statuses from a target that mean "not delivered, try the next one".
     pub failover_responses: Vec<u16>,
+    /// The PSTN gateway failover numbers are sent to: a SIP URI with an IP address, e.g.
+    /// `"sip:192.0.2.50:5060"`. Without one a failover number cannot be tried.
+    pub pstn_gateway: Option<String>,
+    /// The trunk servers in order (this one may be listed too: it is skipped by name), so
+    /// every server can share one list. A call whose DID has no failover is passed to the
+    /// next one that has not tried it.
+    pub peers: Vec<PeerConfig>,
+    /// DNS servers (`"IP"` or `"IP:PORT"`) for RFC 3263 lookups of failover PBXs given by
+    /// name; empty: the system's (`/etc/resolv.conf`).
+    pub dns_servers: Vec<String>,
+}
+
+/// One `[[carrier.peers]]` entry.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// The peer's `name`, as its own configuration says.
+    pub name: String,
+    /// Where calls passed to it go: a SIP URI with an IP address (`sip:192.0.2.20:5060`,
+    /// `;transport=tcp` for TCP).
+    pub uri: String,
+    /// Addresses or CIDR blocks its requests come from, trusted as this peer (new calls and
+    /// the mark of which servers tried a call); default: the address of `uri`.
+    #[serde(default)]
+    pub addresses: Vec<String>,
 }
 
 impl Default for CarrierConfig {
@@ -144,6 +169,9 @@ impl Default for CarrierConfig {
             setup_timer_ms: 10_000,
             timer_c_ms: 180_000,
             failover_responses: FailoverSet::DEFAULT_CODES.to_vec(),
+            pstn_gateway: None,
+            peers: Vec::new(),
+            dns_servers: Vec::new(),
         }
     }
 }
@@ -307,7 +335,55 @@ impl CarrierConfig {
             .map_err(|e| invalid("upstream", e))?;
         let failover_set = FailoverSet::new(&self.failover_responses)
             .map_err(|e| invalid("failover_responses", e.to_string()))?;
+        let pstn_gateway = match &self.pstn_gateway {
+            Some(uri) => Some(Hop::parse(uri).map_err(|e| invalid("pstn_gateway", e))?),
+            None => None,
+        };
+        let mut peers = Vec::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            let name = p.name.trim();
+            if name.is_empty() || name.contains([',', ' ', '\t']) {
+                return Err(invalid(
+                    "peers",
+                    format!(
+                        "entry {}: name must be non-empty, without commas or spaces",
+                        i + 1
+                    ),
+                ));
+            }
+            if self.peers[..i].iter().any(|q| q.name == p.name) {
+                return Err(invalid("peers", format!("`{name}` is listed twice")));
+            }
+            let hop = Hop::parse(&p.uri).map_err(|e| invalid("peers", format!("{name}: {e}")))?;
+            let trusted = if p.addresses.is_empty() {
+                vec![Cidr::host(hop.addr.ip())]
+            } else {
+                p.addresses
+                    .iter()
+                    .map(|a| a.parse::<Cidr>())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| invalid("peers", format!("{name}: addresses: {e}")))?
+            };
+            peers.push(Peer {
+                name: p.name.clone(),
+                hop,
+                trusted,
+            });
+        }
+        let dns_servers = self
+            .dns_servers
+            .iter()
+            .map(|s| {
+                s.parse::<std::net::SocketAddr>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
+                    .map_err(|_| invalid("dns_servers", format!("`{s}` is not IP or IP:PORT")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let proxy = ProxyConfig {
+            name: self.name.clone(),
+            peers,
+            pstn_gateway,
+            dns_servers,
             upstream,
             delivery: DeliveryConfig {
                 delivery_timer: Duration::from_millis(self.delivery_timer_ms),
@@ -403,6 +479,45 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("timer_c_ms"), "{e}");
+    }
+
+    #[test]
+    fn peers_and_gateway_are_checked() {
+        let s = parse(
+            "[carrier]\nname = \"trunk2\"\npstn_gateway = \"sip:127.0.0.13:5080;transport=tcp\"\n\
+             [[carrier.peers]]\nname = \"trunk1\"\nuri = \"sip:127.0.0.10\"\n\
+             [[carrier.peers]]\nname = \"trunk2\"\nuri = \"sip:127.0.0.20:5062\"\n\
+             addresses = [\"10.1.0.0/16\"]\n",
+        )
+        .unwrap();
+        let gw = s.proxy.pstn_gateway.as_ref().unwrap();
+        assert_eq!(gw.addr, "127.0.0.13:5080".parse().unwrap());
+        assert_eq!(gw.transport, crate::sip::transport::Transport::Tcp);
+        assert_eq!(s.proxy.peers.len(), 2);
+        assert_eq!(s.proxy.peers[0].hop.addr, "127.0.0.10:5060".parse().unwrap());
+        // trunk1 is trusted at its URI's address; this server's own entry never is a peer.
+        assert_eq!(
+            s.proxy.peer_at("127.0.0.10".parse().unwrap()).map(|p| p.name.as_str()),
+            Some("trunk1")
+        );
+        assert!(s.proxy.peer_at("10.1.2.3".parse().unwrap()).is_none());
+        assert!(s.proxy.accepts_calls_from("127.0.0.10".parse().unwrap()));
+        for (text, key) in [
+            ("pstn_gateway = \"sip:gw.example.com\"\n", "pstn_gateway"),
+            ("pstn_gateway = \"tel:+15551234\"\n", "pstn_gateway"),
+            ("[[carrier.peers]]\nname = \"a\"\nuri = \"sip:127.0.0.1;transport=sctp\"\n", "peers"),
+            ("[[carrier.peers]]\nname = \"\"\nuri = \"sip:127.0.0.1\"\n", "peers"),
+            (
+                "[[carrier.peers]]\nname = \"a\"\nuri = \"sip:127.0.0.1\"\n\
+                 [[carrier.peers]]\nname = \"a\"\nuri = \"sip:127.0.0.2\"\n",
+                "peers",
+            ),
+            ("[[carrier.peers]]\nname = \"a\"\nuri = \"sip:127.0.0.1\"\nport = 1\n", "port"),
+            ("dns_servers = [\"ns1\"]\n", "dns_servers"),
+        ] {
+            let e = parse(&format!("[carrier]\n{text}")).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -130,6 +130,10 @@ pub struct CallFacts<T> {
     /// The trunk servers that have already tried this call, from the trusted mark a peer put
     /// in the request. The proxy adds this server's name to the mark when it passes the call on.
     pub tried_by: Vec<String>,
+    /// The request was diverted before from this DID or to its failover number (a Diversion
+    /// or History-Info entry of the request names one of them): sending it to the number again
+    /// could go round through the PSTN for ever, so the number is not tried.
+    pub already_diverted: bool,
 }
 
 /// The final statuses that mean "not delivered, try the next target" (rule point 2), as a
@@ -290,6 +294,9 @@ pub enum Why {
     DidNumber { global_not_used: Option<String> },
     /// The trunk group's global failover number: the DID has none of its own.
     GlobalNumber,
+    /// The failover number is not tried: the call was already diverted from this DID or to
+    /// that number (a loop through the PSTN).
+    AlreadyDiverted { number: String },
     /// The DID has failover, so the call is not passed to `peers` (the seed's "important
     /// detail").
     FailoverKeepsCallHere { server: String, peers: Vec<String> },
@@ -343,6 +350,11 @@ impl fmt::Display for Why {
             ),
             Why::GlobalNumber => f.write_str(
                 "the trunk group's global failover number (the DID has none of its own)",
+            ),
+            Why::AlreadyDiverted { number } => write!(
+                f,
+                "the failover number {number} is not tried: the call was already diverted from \
+                 this DID or to that number (it would loop)"
             ),
             Why::FailoverKeepsCallHere { server, peers } if peers.is_empty() => {
                 write!(f, "the DID has failover: the call stays on {server}")
@@ -419,6 +431,7 @@ impl<T> Plan<T> {
             server,
             peers,
             tried_by,
+            already_diverted,
         } = call;
         let has_failover = failover.is_configured();
 
@@ -473,6 +486,12 @@ impl<T> Plan<T> {
             ),
             (None, Some(global)) => (vec![Target::FailoverNumber(global)], Why::GlobalNumber),
             (None, None) => (Vec::new(), Why::NoFailoverNumber),
+        };
+        let (targets, why) = match targets.first() {
+            Some(Target::FailoverNumber(n)) if already_diverted => {
+                (Vec::new(), Why::AlreadyDiverted { number: n.clone() })
+            }
+            _ => (targets, why),
         };
         let number = PlannedStage {
             stage: Stage::FailoverNumber,
@@ -1102,6 +1121,7 @@ mod tests {
             server: "trunk1".into(),
             peers: vec!["trunk1".into(), "trunk2".into()],
             tried_by: Vec::new(),
+            already_diverted: false,
         }
     }
 
@@ -1591,6 +1611,24 @@ mod tests {
         // Only one number is ever tried.
         d.handle_response(t0, b(0), 503);
         assert_eq!(started_targets(&drain(&mut d)), []);
+    }
+
+    #[test]
+    fn an_already_diverted_call_skips_the_number_but_stays_here() {
+        let t0 = Instant::now();
+        let mut call = facts(&[]);
+        call.failover.did_number = Some("+15550001111".into());
+        call.already_diverted = true;
+        let plan = Plan::new(call.clone());
+        assert_eq!(
+            plan.stage(Stage::FailoverNumber).why,
+            Why::AlreadyDiverted {
+                number: "+15550001111".into()
+            }
+        );
+        // Still "has failover": not passed to trunk2 either; the caller gets 480.
+        let mut d = D::new(t0, call, DeliveryConfig::default());
+        assert_eq!(drain(&mut d)[0], respond(480, None));
     }
 
     #[test]

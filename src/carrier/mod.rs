@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod bindings;
+pub mod call_record;
 pub mod cli;
 pub mod config;
 pub mod customers;

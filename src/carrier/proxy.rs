@@ -1,17 +1,18 @@
-//! The delivery proxy (RFC 3261 §16, transaction stateful): first step.
+//! The delivery proxy (RFC 3261 §16, transaction stateful).
 //!
-//! An initial INVITE for a DID, from the upstream, becomes a [`Delivery`] over the DID's trunk
-//! group's bindings on this server (the rule's primary stage). Each branch is a client
-//! transaction; its responses are fed to the delivery, whose [`Action`]s say what the caller
-//! gets. In-dialog requests that carry a Route naming this server (the Record-Route it added)
-//! are forwarded to the next Route, else to their Request-URI; an ACK for a 2xx statelessly.
-//!
-//! Not yet here: peers (the next trunk server), the failover PBX and number, the PSTN gateway,
-//! OPTIONS probing, ICMP errors, call records.
+//! An initial INVITE for a DID, from the upstream or a peer trunk server, becomes a
+//! [`Delivery`] along the rule's plan ([`super::delivery_rule`]): the DID's trunk group's
+//! bindings on this server, then the failover PBX (an address, a name resolved by RFC 3263, or
+//! another trunk group's bindings) and the failover number through the PSTN gateway, or else
+//! the next trunk server. Each branch is a client transaction; its responses are fed to the
+//! delivery, whose [`Action`]s say what the caller gets. In-dialog requests that carry a Route
+//! naming this server (the Record-Route it added) are forwarded to the next Route, else to
+//! their Request-URI; an ACK for a 2xx statelessly.
 //!
 //! The proxy is a pure part of the service loop: it is handed the transaction table and `now`,
-//! and what it wants sent outside any transaction is polled with
-//! [`poll_transmit`](Proxy::poll_transmit).
+//! and what it wants done outside (a message sent outside any transaction, a DNS lookup) is
+//! polled with [`poll_transmit`](Proxy::poll_transmit) and
+//! [`poll_resolve`](Proxy::poll_resolve).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
@@ -24,7 +25,8 @@ use tokio::time::Instant;
 use tracing::{Span, debug, info, info_span};
 
 use super::delivery_rule::{
-    Action, BranchId, CallFacts, Delivery, DeliveryConfig, DeliveryOutcome, FailoverPlan, Target,
+    Action, BranchId, CallFacts, Delivery, DeliveryConfig, DeliveryOutcome, FailoverPbx,
+    FailoverPlan, Plan, Target,
 };
 use super::registrar::Contact;
 use super::store::TrunkGroupId;
@@ -43,6 +45,15 @@ pub struct Cidr {
 }
 
 impl Cidr {
+    /// The block of one address.
+    pub fn host(ip: IpAddr) -> Cidr {
+        let ip = ip.to_canonical();
+        Cidr {
+            net: ip,
+            prefix: if ip.is_ipv4() { 32 } else { 128 },
+        }
+    }
+
     /// Whether `ip` lies in the block (an IPv4-mapped IPv6 address counts as IPv4).
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.net, ip.to_canonical()) {
@@ -97,9 +108,69 @@ impl fmt::Display for Cidr {
 
 // === Configuration ===
 
+/// A configured next hop (the PSTN gateway, a peer trunk server): a SIP URI with an IP
+/// address, so reaching it needs no DNS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hop {
+    pub uri: SipUri,
+    pub addr: SocketAddr,
+    pub transport: Transport,
+}
+
+impl Hop {
+    /// Parses `sip:IP[:PORT][;transport=udp|tcp]`.
+    pub fn parse(text: &str) -> Result<Hop, String> {
+        let uri = match Uri::parse(&ByteString::from(text)) {
+            Ok(Uri::Sip(u)) => u,
+            _ => return Err(format!("`{text}` is not a sip: URI")),
+        };
+        let Some(ip) = uri.host.ip() else {
+            return Err(format!("`{text}`: name the host by its IP address"));
+        };
+        let transport = match uri
+            .params
+            .value("transport")
+            .map(|t| t.to_ascii_lowercase())
+        {
+            _ if uri.secure => {
+                return Err(format!(
+                    "`{text}`: TLS towards other servers is not supported yet"
+                ));
+            }
+            None => Transport::Udp,
+            Some(t) if t == "udp" => Transport::Udp,
+            Some(t) if t == "tcp" => Transport::Tcp,
+            Some(t) => return Err(format!("`{text}`: transport `{t}` is not supported")),
+        };
+        let addr = SocketAddr::new(ip, uri.port.unwrap_or(5060));
+        Ok(Hop {
+            uri,
+            addr,
+            transport,
+        })
+    }
+}
+
+/// A peer trunk server (`[[carrier.peers]]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub name: String,
+    pub hop: Hop,
+    /// Where its requests come from.
+    pub trusted: Vec<Cidr>,
+}
+
 /// The proxy's settings (keys of the carrier config).
 #[derive(Debug, Clone, Default)]
 pub struct ProxyConfig {
+    /// This trunk server's name.
+    pub name: String,
+    /// The trunk servers in order (this one may be among them).
+    pub peers: Vec<Peer>,
+    /// Where failover numbers go.
+    pub pstn_gateway: Option<Hop>,
+    /// DNS servers for failover PBXs given by name; empty: the system's.
+    pub dns_servers: Vec<SocketAddr>,
     /// Sources initial requests are accepted from (the PSTN side).
     pub upstream: Vec<Cidr>,
     /// Timers and failover set of the delivery rule.
@@ -110,6 +181,19 @@ impl ProxyConfig {
     /// Whether `ip` is an upstream address.
     pub fn is_upstream(&self, ip: IpAddr) -> bool {
         self.upstream.iter().any(|c| c.contains(ip))
+    }
+
+    /// The peer trunk server (not this one) that `ip` belongs to.
+    pub fn peer_at(&self, ip: IpAddr) -> Option<&Peer> {
+        self.peers
+            .iter()
+            .filter(|p| p.name != self.name)
+            .find(|p| p.trusted.iter().any(|c| c.contains(ip)))
+    }
+
+    /// Whether new calls are accepted from `ip`: the upstream or a peer.
+    pub fn accepts_calls_from(&self, ip: IpAddr) -> bool {
+        self.is_upstream(ip) || self.peer_at(ip).is_some()
     }
 }
 
@@ -181,7 +265,10 @@ struct Call {
     flow: Flow,
     did: String,
     trunk_group: TrunkGroupId,
-    upstream: bool,
+    /// It came from the upstream or a peer: its P-Asserted-Identity is kept.
+    trusted: bool,
+    /// The servers that tried it before this one (from a peer's mark).
+    tried_by: Vec<String>,
     started: Instant,
     delivery: Delivery<BranchTarget>,
     branches: HashMap<BranchId, ClientId>,
@@ -198,9 +285,12 @@ pub struct Proxy {
     config: ProxyConfig,
     /// Key of the dialog tokens in this server's Record-Route (see [`dialog_token`]).
     dialog_key: [u8; 32],
+    /// The listen addresses: where branches are sent from.
+    bound: Vec<ListenSpec>,
     calls: HashMap<ServerId, Call>,
     clients: HashMap<ClientId, Role>,
     transmits: VecDeque<(Flow, Bytes)>,
+    resolves: VecDeque<ResolveRequest>,
 }
 
 /// A new call's facts, as the service found them.
@@ -210,18 +300,31 @@ pub struct NewCall<'a> {
     pub flow: Flow,
     pub did: &'a str,
     pub trunk_group: TrunkGroupId,
+    /// The trunk group's usable contacts on this server, highest q first.
     pub contacts: Vec<Contact>,
-    pub server_name: &'a str,
+    /// The failover settings of the DID and its trunk group.
+    pub failover: FailoverPlan,
+    /// When the failover PBX is another trunk group: its usable contacts on this server.
+    pub failover_contacts: Vec<Contact>,
+}
+
+/// A failover PBX given by name, to be resolved (RFC 3263) for a call.
+#[derive(Debug, Clone)]
+pub struct ResolveRequest {
+    pub call: ServerId,
+    pub uri: SipUri,
 }
 
 impl Proxy {
-    pub fn new(config: ProxyConfig, dialog_key: [u8; 32]) -> Proxy {
+    pub fn new(config: ProxyConfig, dialog_key: [u8; 32], bound: Vec<ListenSpec>) -> Proxy {
         Proxy {
             config,
             dialog_key,
+            bound,
             calls: HashMap::new(),
             clients: HashMap::new(),
             transmits: VecDeque::new(),
+            resolves: VecDeque::new(),
         }
     }
 
@@ -253,6 +356,44 @@ impl Proxy {
         self.transmits.pop_front()
     }
 
+    /// A failover PBX to resolve: report the answer with [`on_resolved`](Self::on_resolved).
+    pub fn poll_resolve(&mut self) -> Option<ResolveRequest> {
+        self.resolves.pop_front()
+    }
+
+    /// The resolved targets of a call's failover PBX (empty when the lookup failed).
+    pub fn on_resolved(
+        &mut self,
+        now: Instant,
+        tx: &mut Transactions<Flow>,
+        id: ServerId,
+        uri: &SipUri,
+        targets: Vec<(SocketAddr, Transport)>,
+    ) {
+        let targets: Vec<BranchTarget> = targets
+            .into_iter()
+            .map(|(addr, transport)| self.target_at(uri.clone(), addr, transport))
+            .collect();
+        if let Some(call) = self.calls.get_mut(&id) {
+            let span = call.span.clone();
+            let _g = span.enter();
+            info!(
+                call_id = %call.request.call_id(),
+                did = %call.did,
+                failover_pbx = %uri,
+                targets = %targets.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", "),
+                "failover PBX resolved"
+            );
+            call.delivery.handle_failover_pbx_targets(now, targets);
+            self.drive(now, tx, id, None);
+        }
+        self.sweep(tx);
+    }
+
+    fn target_at(&self, uri: SipUri, addr: SocketAddr, transport: Transport) -> BranchTarget {
+        target_at(&self.bound, uri, addr, transport)
+    }
+
     /// The earliest delivery timer of any call.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.calls
@@ -281,7 +422,7 @@ impl Proxy {
     }
 
     /// Starts delivering an initial INVITE whose server transaction is `call.server`: 100
-    /// Trying at once, then the primary stage.
+    /// Trying at once, then the rule's plan, stage by stage.
     pub fn start_call(&mut self, now: Instant, tx: &mut Transactions<Flow>, call: NewCall<'_>) {
         let req = call.request;
         let span = info_span!(
@@ -295,28 +436,75 @@ impl Proxy {
         if let Err(e) = tx.respond(call.server, now, trying) {
             debug!(error = %e, "100 Trying not sent");
         }
-        let upstream = self.config.is_upstream(call.flow.remote.ip());
+        let source = call.flow.remote.ip();
+        let from_peer = self.config.peer_at(source).map(|p| p.name.clone());
+        let trusted = from_peer.is_some() || self.config.is_upstream(source);
+        // Which servers tried the call: believed only from a peer.
+        let tried_by = match &from_peer {
+            Some(_) => req
+                .header_tokens(&tried_by_header())
+                .into_iter()
+                .filter(|t| !t.is_empty())
+                .collect(),
+            None => Vec::new(),
+        };
         let bindings: Vec<BranchTarget> = call.contacts.iter().map(BranchTarget::of).collect();
+        let failover_pbx_targets = match &call.failover.pbx {
+            None => None,
+            Some(FailoverPbx::TrunkGroup(_)) => Some(
+                call.failover_contacts
+                    .iter()
+                    .map(BranchTarget::of)
+                    .collect(),
+            ),
+            Some(FailoverPbx::Uri(text)) => match Uri::parse(&ByteString::from(text.as_str())) {
+                Ok(Uri::Sip(u)) => match (u.host.ip(), uri_transport(&u)) {
+                    (_, None) => Some(Vec::new()),
+                    (Some(ip), Some(t)) => {
+                        let addr = SocketAddr::new(ip, u.port.unwrap_or(t.default_port()));
+                        Some(vec![self.target_at(u, addr, t)])
+                    }
+                    // A name: resolved if the call gets that far.
+                    (None, Some(_)) => None,
+                },
+                _ => Some(Vec::new()),
+            },
+        };
+        let already_diverted = diverted(req, call.did, call.failover.number());
+        let facts = CallFacts {
+            trunk_group: call.trunk_group,
+            bindings,
+            failover: call.failover,
+            failover_pbx_targets,
+            server: self.config.name.clone(),
+            peers: self.config.peers.iter().map(|p| p.name.clone()).collect(),
+            tried_by: tried_by.clone(),
+            already_diverted,
+        };
+        let plan = Plan::new(facts);
         info!(
             call_id = %req.call_id(),
             did = %call.did,
             trunk_group = call.trunk_group,
+            server = %self.config.name,
             source = %call.flow.remote,
-            bindings = bindings.len(),
-            targets = %bindings.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(", "),
+            from_peer = %from_peer.as_deref().unwrap_or("-"),
+            tried_by = %tried_by.join(","),
             outcome = "accepted",
             "inbound call"
         );
-        let facts = CallFacts {
-            trunk_group: call.trunk_group,
-            bindings,
-            failover: FailoverPlan::default(),
-            failover_pbx_targets: None,
-            server: call.server_name.to_string(),
-            peers: Vec::new(),
-            tried_by: Vec::new(),
-        };
-        let delivery = Delivery::new(now, facts, self.config.delivery);
+        for stage in plan.stages() {
+            info!(
+                call_id = %req.call_id(),
+                did = %call.did,
+                trunk_group = call.trunk_group,
+                server = %self.config.name,
+                stage = %stage.stage,
+                plan = %stage,
+                "delivery plan"
+            );
+        }
+        let delivery = Delivery::with_plan(now, plan, self.config.delivery);
         self.calls.insert(
             call.server,
             Call {
@@ -324,7 +512,8 @@ impl Proxy {
                 flow: call.flow,
                 did: call.did.to_string(),
                 trunk_group: call.trunk_group,
-                upstream,
+                trusted,
+                tried_by,
                 started: now,
                 delivery,
                 branches: HashMap::new(),
@@ -421,38 +610,50 @@ impl Proxy {
         };
         while let Some(action) = call.delivery.poll_action() {
             match action {
-                Action::StartBranch { branch, target } => match target {
-                    Target::Binding(t) | Target::FailoverPbx(t) => {
-                        let req = branch_request(call, &t, &self.dialog_key);
-                        let target_s = t.to_string();
-                        let reliable = t.dest.transport.is_stream();
-                        match tx.new_client(now, req, t.dest, reliable) {
-                            Ok(cid) => {
-                                call.branches.insert(branch, cid);
-                                self.clients.insert(cid, Role::Branch { call: id, branch });
-                                info!(
-                                    call_id = %call.request.call_id(),
-                                    did = %call.did,
-                                    trunk_group = call.trunk_group,
-                                    branch = %branch,
-                                    target = %target_s,
-                                    outcome = "INVITE sent",
-                                    elapsed_ms = now.duration_since(call.started).as_millis() as u64,
-                                    "branch started"
-                                );
-                            }
-                            Err(e) => {
-                                info!(target = %target_s, error = %e, outcome = "not sent", "branch failed");
-                                call.delivery.handle_transport_error(now, branch);
-                            }
+                Action::StartBranch { branch, target } => {
+                    let built =
+                        branch_for(call, &target, &self.config, &self.bound, &self.dialog_key);
+                    let elapsed_ms = now.duration_since(call.started).as_millis() as u64;
+                    let (req, t) = match built {
+                        Ok(b) => b,
+                        Err(why) => {
+                            info!(
+                                call_id = %call.request.call_id(),
+                                did = %call.did,
+                                trunk_group = call.trunk_group,
+                                branch = %branch,
+                                target = %target,
+                                outcome = why,
+                                elapsed_ms,
+                                "branch not started"
+                            );
+                            call.delivery.handle_transport_error(now, branch);
+                            continue;
+                        }
+                    };
+                    let reliable = t.dest.transport.is_stream();
+                    match tx.new_client(now, req, t.dest, reliable) {
+                        Ok(cid) => {
+                            call.branches.insert(branch, cid);
+                            self.clients.insert(cid, Role::Branch { call: id, branch });
+                            info!(
+                                call_id = %call.request.call_id(),
+                                did = %call.did,
+                                trunk_group = call.trunk_group,
+                                branch = %branch,
+                                target = %target,
+                                to = %t,
+                                outcome = "INVITE sent",
+                                elapsed_ms,
+                                "branch started"
+                            );
+                        }
+                        Err(e) => {
+                            info!(target = %target, error = %e, outcome = "not sent", "branch failed");
+                            call.delivery.handle_transport_error(now, branch);
                         }
                     }
-                    other => {
-                        // Not in this step: peers, failover number.
-                        info!(target = %describe(&other), outcome = "unsupported target", "branch skipped");
-                        call.delivery.handle_transport_error(now, branch);
-                    }
-                },
+                }
                 Action::CancelBranch { branch } => {
                     let Some(&cid) = call.branches.get(&branch) else {
                         continue;
@@ -470,8 +671,19 @@ impl Proxy {
                         _ => {}
                     }
                 }
-                Action::ResolveFailoverPbx { .. } => {
-                    call.delivery.handle_failover_pbx_targets(now, Vec::new());
+                Action::ResolveFailoverPbx { pbx } => {
+                    // Only a failover PBX given by name gets here (see start_call).
+                    match pbx {
+                        FailoverPbx::Uri(text) => match Uri::parse(&ByteString::from(text)) {
+                            Ok(Uri::Sip(uri)) => {
+                                self.resolves.push_back(ResolveRequest { call: id, uri })
+                            }
+                            _ => call.delivery.handle_failover_pbx_targets(now, Vec::new()),
+                        },
+                        FailoverPbx::TrunkGroup(_) => {
+                            call.delivery.handle_failover_pbx_targets(now, Vec::new())
+                        }
+                    }
                 }
                 Action::RelayProvisional { branch, .. } => {
                     if let Some((b, m)) = &current
@@ -676,18 +888,150 @@ fn relay(now: Instant, tx: &mut Transactions<Flow>, server: ServerId, mut m: Mes
     }
 }
 
-/// The INVITE for one branch (RFC 3261 §16.6).
+/// The header in which trunk servers mark which of them tried a call (a comma-separated list
+/// of their configured names). Believed only from a peer; never sent to a PBX or the gateway.
+pub const TRIED_BY: &str = "Lifeline-Tried-By";
+
+fn tried_by_header() -> HeaderName {
+    HeaderName::Other(TRIED_BY.into())
+}
+
+/// The INVITE of one branch and where it goes, or why the target cannot be tried.
+fn branch_for(
+    call: &Call,
+    target: &Target<BranchTarget>,
+    config: &ProxyConfig,
+    bound: &[ListenSpec],
+    dialog_key: &[u8; 32],
+) -> Result<(Message, BranchTarget), &'static str> {
+    match target {
+        Target::Binding(t) | Target::FailoverPbx(t) => {
+            let mut t = t.clone();
+            t.uri.user = Some(ByteString::from(call.did.as_str()));
+            Ok((branch_request(call, &t, dialog_key), t))
+        }
+        Target::FailoverNumber(number) => {
+            let Some(gw) = &config.pstn_gateway else {
+                return Err("no pstn_gateway configured");
+            };
+            let mut uri = gw.uri.clone();
+            uri.user = Some(ByteString::from(number.as_str()));
+            let t = target_at(bound, uri, gw.addr, gw.transport);
+            let mut m = branch_request(call, &t, dialog_key);
+            // RFC 5806: the most recent diversion first.
+            let diversion = format!(
+                "<sip:{}@{}>;reason=unavailable;counter=1",
+                call.did,
+                host_port(call.flow.local)
+            );
+            prepend_diversion(&mut m, diversion);
+            Ok((m, t))
+        }
+        Target::NextServer(name) => {
+            let Some(peer) = config.peers.iter().find(|p| p.name == *name) else {
+                return Err("peer not configured");
+            };
+            let mut uri = peer.hop.uri.clone();
+            uri.user = Some(ByteString::from(call.did.as_str()));
+            let t = target_at(bound, uri, peer.hop.addr, peer.hop.transport);
+            let mut m = branch_request(call, &t, dialog_key);
+            let mut tried = call.tried_by.clone();
+            tried.push(config.name.clone());
+            m.push_header(Header::new(tried_by_header(), tried.join(", ")));
+            Ok((m, t))
+        }
+    }
+}
+
+/// A branch target for `uri` at `addr`, sent from this server's listen address of that
+/// transport and address family.
+fn target_at(
+    bound: &[ListenSpec],
+    uri: SipUri,
+    addr: SocketAddr,
+    transport: Transport,
+) -> BranchTarget {
+    let local = bound
+        .iter()
+        .find(|l| l.transport == transport && l.addr.is_ipv4() == addr.is_ipv4())
+        .or_else(|| bound.iter().find(|l| l.addr.is_ipv4() == addr.is_ipv4()))
+        .or(bound.first())
+        .map(|l| l.addr)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+    BranchTarget {
+        uri,
+        dest: Flow {
+            transport,
+            local,
+            remote: addr,
+            conn: None,
+        },
+    }
+}
+
+/// The transport a URI asks for (`None`: one this server cannot use towards it).
+fn uri_transport(uri: &SipUri) -> Option<Transport> {
+    if uri.secure {
+        return None;
+    }
+    match uri
+        .params
+        .value("transport")
+        .map(|t| t.to_ascii_lowercase())
+    {
+        None => Some(Transport::Udp),
+        Some(t) if t == "udp" => Some(Transport::Udp),
+        Some(t) if t == "tcp" => Some(Transport::Tcp),
+        Some(_) => None,
+    }
+}
+
+fn diversion_header() -> HeaderName {
+    HeaderName::Other("Diversion".into())
+}
+
+/// Adds a Diversion entry before the request's others: they are read newest first.
+fn prepend_diversion(m: &mut Message, value: String) {
+    let existing = m.header_values(&diversion_header()).unwrap_or_default();
+    m.remove_headers(&diversion_header());
+    m.push_header(Header::new(diversion_header(), value));
+    for v in existing {
+        m.push_header(Header::new(diversion_header(), v.to_string()));
+    }
+}
+
+/// Whether a Diversion or History-Info entry of `req` names the DID or the failover number:
+/// the call has been diverted along this path before.
+fn diverted(req: &Message, did: &str, number: Option<&str>) -> bool {
+    let digits = |s: &str| s.trim_start_matches('+').to_string();
+    let wanted: Vec<String> = std::iter::once(did).chain(number).map(digits).collect();
+    [diversion_header(), HeaderName::Other("History-Info".into())]
+        .iter()
+        .flat_map(|h| req.name_addrs(h).unwrap_or_default())
+        .filter_map(|n| match n.uri {
+            Uri::Sip(u) => u
+                .user_unescaped()
+                .map(|u| String::from_utf8_lossy(&u).into_owned()),
+            Uri::Tel(t) => Some(t.number.to_string()),
+            _ => None,
+        })
+        .any(|user| wanted.contains(&digits(&user)))
+}
+
+/// The INVITE for one branch (RFC 3261 §16.6): the Request-URI `target.uri`, one hop less,
+/// P-Asserted-Identity only from a trusted source, no tried-by mark, this server's
+/// Record-Route and Via.
 fn branch_request(call: &Call, target: &BranchTarget, dialog_key: &[u8; 32]) -> Message {
     let mut m = call.request.clone();
     let mut uri = target.uri.clone();
-    uri.user = Some(ByteString::from(call.did.as_str()));
     uri.password = None;
     uri.headers = None;
     m.set_uri(Uri::Sip(uri));
     m.set_max_forwards(call.request.max_forwards().unwrap_or(70).saturating_sub(1));
-    if !call.upstream {
+    if !call.trusted {
         m.remove_headers(&HeaderName::Other("P-Asserted-Identity".into()));
     }
+    m.remove_headers(&tried_by_header());
     let transport_param = match call.flow.transport {
         Transport::Udp => "",
         Transport::Tcp => ";transport=tcp",
@@ -829,6 +1173,42 @@ mod tests {
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
         assert!("example.com".parse::<Cidr>().is_err());
         assert!("10.0.0.0/x".parse::<Cidr>().is_err());
+    }
+
+    fn invite_with(headers: &str) -> Message {
+        let text = format!(
+            "INVITE sip:+15550001111@127.0.0.1 SIP/2.0\r\n\
+             Via: SIP/2.0/UDP 127.0.0.2;branch=z9hG4bK1\r\n\
+             From: <sip:a@127.0.0.2>;tag=1\r\nTo: <sip:+15550001111@127.0.0.1>\r\n\
+             Call-ID: c1\r\nCSeq: 1 INVITE\r\n{headers}Content-Length: 0\r\n\r\n"
+        );
+        Message::parse(Bytes::from(text)).unwrap()
+    }
+
+    #[test]
+    fn a_diversion_naming_the_did_or_the_number_is_a_loop() {
+        let did = "+15550001111";
+        let plain = invite_with("");
+        assert!(!diverted(&plain, did, Some("+15559990001")));
+        // The DID itself, written without `+`, in a SIP URI.
+        let m = invite_with("Diversion: <sip:15550001111@192.0.2.1>;reason=unavailable\r\n");
+        assert!(diverted(&m, did, None));
+        // The failover number, in a tel: URI of History-Info, second of two entries.
+        let m = invite_with(
+            "History-Info: <sip:+15557770000@192.0.2.1>;index=1, <tel:+15559990001>;index=1.1\r\n",
+        );
+        assert!(diverted(&m, did, Some("+15559990001")));
+        assert!(!diverted(&m, did, Some("+15559990002")));
+    }
+
+    #[test]
+    fn a_new_diversion_goes_first() {
+        let mut m = invite_with("Diversion: <sip:+15557770000@192.0.2.1>;reason=user-busy\r\n");
+        prepend_diversion(&mut m, "<sip:+15550001111@127.0.0.1>;reason=unavailable".into());
+        let values = m.header_values(&diversion_header()).unwrap();
+        assert_eq!(values.len(), 2);
+        assert!(values[0].starts_with("<sip:+15550001111@"), "{values:?}");
+        assert!(values[1].contains("user-busy"), "{values:?}");
     }
 
     #[test]

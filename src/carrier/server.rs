@@ -14,7 +14,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -24,11 +24,13 @@ use tokio::sync::watch;
 use super::bindings::BindingStore;
 use super::config::Settings;
 use super::customers::{Customers, watch_customers};
-use super::proxy::{NewCall, Proxy, routed_through_us};
+use super::delivery_rule::FailoverPbx;
+use super::proxy::{NewCall, Proxy, ResolveRequest, routed_through_us};
 use super::registrar::{Registrar, unix_ms};
 use super::store::{Store, StoreError};
 use crate::sip::digest::Authenticator;
 use crate::sip::message::{Header, HeaderName, Message, Method, ParseError};
+use crate::sip::resolve::{Lookup, SipResolver};
 use crate::sip::transaction::{Event, RequestDisposition, ServerId, Transactions};
 use crate::sip::transport::{
     Flow, ListenSpec, Received, SipTransport, Transport, log_bound, tls_server_config,
@@ -130,8 +132,9 @@ pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
         transactions: Transactions::new(settings.timers.clone()),
         registrar,
         customers,
-        proxy: Proxy::new(settings.proxy.clone(), dialog_key),
-        name: settings.raw.name.clone(),
+        proxy: Proxy::new(settings.proxy.clone(), dialog_key, bound.clone()),
+        resolver: dns_resolver(&settings.proxy.dns_servers),
+        resolved: mpsc::unbounded_channel(),
     };
     let (stop, stopped) = oneshot::channel();
     let task = tokio::spawn(service.run(incoming, stopped));
@@ -149,8 +152,35 @@ struct Service {
     registrar: Registrar,
     customers: watch::Receiver<Arc<Customers>>,
     proxy: Proxy,
-    /// This trunk server's name.
-    name: String,
+    /// RFC 3263 lookups of failover PBXs given by name; `None` when no DNS is configured.
+    resolver: Option<SipResolver>,
+    /// Lookups finished by their tasks, back to the service loop.
+    resolved: (
+        mpsc::UnboundedSender<Resolved>,
+        mpsc::UnboundedReceiver<Resolved>,
+    ),
+}
+
+/// A finished lookup of a call's failover PBX.
+struct Resolved {
+    request: ResolveRequest,
+    targets: Vec<(std::net::SocketAddr, Transport)>,
+}
+
+/// The resolver for failover PBXs given by name: the configured servers, else the system's.
+fn dns_resolver(servers: &[std::net::SocketAddr]) -> Option<SipResolver> {
+    let resolver = if servers.is_empty() {
+        SipResolver::from_system()
+    } else {
+        SipResolver::with_nameservers(servers)
+    };
+    match resolver {
+        Ok(r) => Some(r),
+        Err(e) => {
+            warn!(error = %e, "no DNS: failover PBXs given by name cannot be resolved");
+            None
+        }
+    }
 }
 
 impl Service {
@@ -175,6 +205,13 @@ impl Service {
                     self.proxy.handle_timeout(Instant::now(), &mut self.transactions)
                 }
                 _ = expiry.tick() => self.registrar.expire(unix_ms(SystemTime::now())),
+                Some(done) = self.resolved.1.recv() => self.proxy.on_resolved(
+                    Instant::now(),
+                    &mut self.transactions,
+                    done.request.call,
+                    &done.request.uri,
+                    done.targets,
+                ),
             }
             self.flush();
         }
@@ -199,6 +236,54 @@ impl Service {
         while let Some((flow, bytes)) = self.proxy.poll_transmit() {
             self.send(flow, bytes);
         }
+        while let Some(request) = self.proxy.poll_resolve() {
+            self.resolve(request);
+        }
+    }
+
+    /// Looks a failover PBX up in a task of its own; the answer comes back to the loop.
+    fn resolve(&self, request: ResolveRequest) {
+        let done = self.resolved.0.clone();
+        let Some(resolver) = self.resolver.clone() else {
+            let _ = done.send(Resolved {
+                request,
+                targets: Vec::new(),
+            });
+            return;
+        };
+        tokio::spawn(async move {
+            let uri = &request.uri;
+            let host = uri.host.to_string();
+            let transport = match uri
+                .params
+                .value("transport")
+                .map(|t| t.to_ascii_lowercase())
+            {
+                Some(t) if t == "udp" => Some(Transport::Udp),
+                Some(t) if t == "tcp" => Some(Transport::Tcp),
+                Some(t) if t == "tls" => Some(Transport::Tls),
+                _ => None,
+            };
+            let lookup = Lookup {
+                host: &host,
+                port: uri.port,
+                transport,
+                secure: uri.secure,
+            };
+            let targets = match resolver.resolve(&lookup).await {
+                Ok(targets) => targets
+                    .into_iter()
+                    // Outbound TLS is not supported yet: such a target could never answer.
+                    .filter(|t| t.transport != Transport::Tls)
+                    .map(|t| (t.addr, t.transport))
+                    .collect(),
+                Err(e) => {
+                    info!(failover_pbx = %uri, error = %e, "failover PBX not resolved");
+                    Vec::new()
+                }
+            };
+            let _ = done.send(Resolved { request, targets });
+        });
     }
 
     fn send(&self, flow: Flow, bytes: Bytes) {
@@ -454,13 +539,13 @@ impl Service {
             Some(Uri::Tel(t)) => t.number.to_string(),
             _ => String::new(),
         };
-        if !self.proxy.config().is_upstream(flow.remote.ip()) {
+        if !self.proxy.config().accepts_calls_from(flow.remote.ip()) {
             info!(
                 call_id = %call_id,
                 did = %user,
                 source = %flow.remote,
                 method = %req.method(),
-                outcome = "forbidden: not upstream",
+                outcome = "forbidden: neither upstream nor a peer",
                 status = 403,
                 "initial request refused"
             );
@@ -492,9 +577,25 @@ impl Service {
             r.push_header(Header::new(HeaderName::Allow, "INVITE, ACK, CANCEL"));
             return Some(r);
         }
-        let contacts = self
-            .registrar
-            .contacts(did.trunk_group_id, unix_ms(SystemTime::now()));
+        let now_ms = unix_ms(SystemTime::now());
+        let contacts = self.registrar.contacts(did.trunk_group_id, now_ms);
+        let failover = customers.failover(did);
+        // A failover trunk group counts only within the same account (the store checks this
+        // when it is set; a group moved since is not delivered to).
+        let failover_contacts = match &failover.pbx {
+            Some(FailoverPbx::TrunkGroup(other)) => {
+                let same_account = customers
+                    .trunk_group(*other)
+                    .zip(customers.trunk_group(did.trunk_group_id))
+                    .is_some_and(|(o, g)| o.account_id == g.account_id);
+                if same_account {
+                    self.registrar.contacts(*other, now_ms)
+                } else {
+                    Vec::new()
+                }
+            }
+            _ => Vec::new(),
+        };
         self.proxy.start_call(
             Instant::now(),
             &mut self.transactions,
@@ -505,7 +606,8 @@ impl Service {
                 did: &did.number,
                 trunk_group: did.trunk_group_id,
                 contacts,
-                server_name: &self.name,
+                failover,
+                failover_contacts,
             },
         );
         None

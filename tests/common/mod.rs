@@ -2,6 +2,8 @@
 //! moving a test into a private network namespace.
 #![allow(dead_code)]
 
+pub mod sipp;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
