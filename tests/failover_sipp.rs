@@ -121,12 +121,27 @@ fn trunk(net: Net, n: u8, c: &Customer, extra: &str) -> Carrier {
     let dir = tempfile::tempdir().unwrap();
     provision(dir.path(), net, c);
     let ip = if n == 1 { net.trunk1() } else { net.trunk2() };
+    // Defaults for the keys `extra` does not set itself.
+    let defaults: String = [
+        "t1_ms = 50",
+        "t2_ms = 200",
+        "t4_ms = 250",
+        "timer_d_ms = 500",
+        "config_poll_ms = 100",
+        "bindings_flush_ms = 50",
+        "delivery_timer_ms = 1000",
+        "setup_timer_ms = 2000",
+    ]
+    .iter()
+    .filter(|line| {
+        let key = line.split(' ').next().unwrap();
+        !extra.lines().any(|l| l.starts_with(key))
+    })
+    .map(|line| format!("{line}\n"))
+    .collect();
     let config = format!(
-        "[carrier]\nname = \"trunk{n}\"\nsip_listen = [\"udp:{ip}:5060\"]\n\
-         t1_ms = 50\nt2_ms = 200\nt4_ms = 250\ntimer_d_ms = 500\n\
-         config_poll_ms = 100\nbindings_flush_ms = 50\n\
-         upstream = [\"{caller}\"]\ndelivery_timer_ms = 1000\nsetup_timer_ms = 2000\n\
-         pstn_gateway = \"sip:{gw}:{GATEWAY_PORT}\"\n{extra}\n\
+        "[carrier]\nname = \"trunk{n}\"\nsip_listen = [\"udp:{ip}:5060\"]\n{defaults}\
+         upstream = [\"{caller}\"]\npstn_gateway = \"sip:{gw}:{GATEWAY_PORT}\"\n{extra}\n\
          [[carrier.peers]]\nname = \"trunk1\"\nuri = \"sip:{t1}:5060\"\n\
          [[carrier.peers]]\nname = \"trunk2\"\nuri = \"sip:{t2}:5060\"\n",
         caller = net.caller(),
@@ -627,4 +642,248 @@ fn row20_ringing_then_480_is_relayed_without_failover() {
     );
     thread::sleep(Duration::from_millis(300));
     assert!(gw.received().is_empty(), "the gateway saw the call");
+}
+
+/// Row 18: the PBX's port is closed (ICMP port unreachable) and a failover number is set: the
+/// gateway gets the call without waiting for the delivery timer, which is set far beyond the
+/// caller's patience here (the caller gives up after 15 s).
+#[test]
+fn row18_icmp_unreachable_fails_over_at_once() {
+    let net = Net(96);
+    let c = Customer {
+        did_number: Some(OWN_NUMBER),
+        ..Customer::default()
+    };
+    let t1 = trunk(net, 1, &c, "delivery_timer_ms = 60000");
+    // The contact names a port where nothing listens.
+    register(&t1, &net.pbx(), "pbx96", &net.silent());
+    let gw = uas(&net.gateway(), GATEWAY_PORT, answering_pbx_xml());
+    call_trunk1(net, &t1, 200);
+    ok(gw.wait(), "gateway", &t1);
+    let log = t1.log();
+    assert!(log.contains("ICMP error: destination unreachable"), "{log}");
+    assert!(log.contains("transport error"), "{log}");
+    let line = ended(&t1);
+    assert!(
+        line.contains("delivered") && line.contains(OWN_NUMBER),
+        "{line}"
+    );
+}
+
+/// A UAS that answers OPTIONS probes with 200, `count` times.
+fn options_answering_xml(count: usize) -> String {
+    let one = "<recv request=\"OPTIONS\"/>\n\
+               <send><![CDATA[\nSIP/2.0 200 OK\n[last_Via:]\n[last_From:]\n\
+               [last_To:];tag=[pid]SIPpTag01[call_number]\n[last_Call-ID:]\n[last_CSeq:]\n\
+               Content-Length: 0\n\n]]></send>\n";
+    format!(
+        "<?xml version=\"1.0\" encoding=\"ISO-8859-1\" ?>\n\
+         <scenario name=\"answers probes\">\n{}</scenario>\n",
+        one.repeat(count)
+    )
+}
+
+/// Row 19: the PBX is registered but fails its OPTIONS probes: it is skipped and the call goes
+/// to the failover number at once (the delivery timer is far beyond the caller's patience).
+/// Once it answers probes again it is used again.
+#[test]
+fn row19_binding_failing_its_probes_is_skipped() {
+    let net = Net(97);
+    let c = Customer {
+        did_number: Some(OWN_NUMBER),
+        ..Customer::default()
+    };
+    let t1 = trunk(
+        net,
+        1,
+        &c,
+        "delivery_timer_ms = 60000\nprobe_interval_ms = 200\nprobe_timeout_ms = 300\n\
+         probe_failures = 2",
+    );
+    let silent = Silent::bind(&net.silent(), PBX_PORT);
+    register(&t1, &net.pbx(), "pbx97", &net.silent());
+    wait_for_log(&t1, "binding failing its probes");
+    let gw = uas(&net.gateway(), GATEWAY_PORT, answering_pbx_xml());
+    call_trunk1(net, &t1, 200);
+    ok(gw.wait(), "gateway", &t1);
+    let seen = silent.received();
+    assert!(
+        seen.iter().any(|m| m.starts_with("OPTIONS sip:pbx97@")),
+        "{seen:?}"
+    );
+    assert!(
+        !seen.iter().any(|m| m.starts_with("INVITE")),
+        "the skipped PBX got the call"
+    );
+    // The PBX comes back: it answers probes, and is used again.
+    drop(silent);
+    let pbx = uas(&net.silent(), PBX_PORT, options_answering_xml(1));
+    ok(pbx.wait(), "PBX answering a probe", &t1);
+    wait_for_log(&t1, "binding answers its probes again");
+}
+
+/// Row 11: the failover PBX is an FQDN: RFC 3263 through SRV from a DNS server on loopback;
+/// the first target is dead (its port closed), the second answers.
+#[test]
+fn row11_failover_pbx_fqdn_tries_every_srv_target() {
+    let net = Net(98);
+    let zone = format!(
+        "$ORIGIN example.test.\n$TTL 300\n\
+         @ IN SOA ns.example.test. hostmaster.example.test. 1 3600 600 86400 30\n\
+         @ IN NS ns\nns IN A {dns}\n\
+         _sip._udp.backup IN SRV 20 0 {PBX_PORT} live.backup\n\
+         _sip._udp.backup IN SRV 10 0 {PBX_PORT} dead.backup\n\
+         dead.backup IN A {dead}\nlive.backup IN A {live}\n",
+        dns = net.ip(53),
+        dead = net.silent(),
+        live = net.backup(),
+    );
+    let dns = common::dns::BackgroundDns::start_on(&net.ip(53), &zone);
+    let c = Customer {
+        global_number: Some(GLOBAL_NUMBER.into()),
+        pbx_uri: Some("sip:backup.example.test".into()),
+        ..Customer::default()
+    };
+    let t1 = trunk(net, 1, &c, &format!("dns_servers = [\"{}\"]", dns.addr));
+    let gw = Silent::bind(&net.gateway(), GATEWAY_PORT);
+    let backup = uas(&net.backup(), PBX_PORT, answering_pbx_xml());
+    call_trunk1(net, &t1, 200);
+    let trace = ok(backup.wait(), "backup PBX", &t1);
+    assert!(
+        first_invite(&trace).starts_with(&format!("INVITE sip:{DID}@backup.example.test")),
+        "{trace}"
+    );
+    let log = t1.log();
+    assert!(log.contains("failover PBX resolved"), "{log}");
+    let line = ended(&t1);
+    // The dead target first (transport error), then the live one.
+    assert!(
+        line.contains("attempts=2") && line.contains(&net.backup()),
+        "{line}"
+    );
+    assert!(gw.received().is_empty(), "the gateway saw the call");
+}
+
+/// Runs `lifeline-carrier ARGS` with the carrier's config and data folder; returns (exit
+/// code, standard output, standard error).
+fn carrier_cmd(carrier: &Carrier, args: &[&str]) -> (i32, String, String) {
+    let dir = carrier.dir.path();
+    let out = std::process::Command::new(common::carrier_bin())
+        .args(args)
+        .arg("--config")
+        .arg(dir.join("carrier.toml"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The record of a call lists each target tried with its outcome, and what the caller got
+/// (`lifeline-carrier calls` on the running server's data folder).
+#[test]
+fn every_call_is_recorded_with_its_targets() {
+    let net = Net(99);
+    let c = Customer {
+        did_number: Some(OWN_NUMBER),
+        pbx_uri: Some(format!("sip:{}:{PBX_PORT}", net.backup())),
+        ..Customer::default()
+    };
+    let t1 = trunk(net, 1, &c, "");
+    let backup = Silent::bind(&net.backup(), PBX_PORT);
+    let gw = uas(&net.gateway(), GATEWAY_PORT, answering_pbx_xml());
+    call_trunk1(net, &t1, 200);
+    ok(gw.wait(), "gateway", &t1);
+    assert!(!backup.received().is_empty());
+    // Written behind: wait (bounded) until the record is there.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let out = loop {
+        let (code, out, err) = carrier_cmd(&t1, &["calls", "--did", "15550001111"]);
+        assert_eq!(code, 0, "{err}");
+        if !out.is_empty() {
+            break out;
+        }
+        assert!(std::time::Instant::now() < deadline, "no call record");
+        thread::sleep(Duration::from_millis(50));
+    };
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    let call: Vec<&str> = lines[0].split('\t').collect();
+    assert_eq!(call[2], DID, "{out}");
+    assert_eq!(call[3], "200", "{out}");
+    assert_eq!(call[4], "delivered", "{out}");
+    assert!(call[5].contains(OWN_NUMBER), "{out}");
+    assert!(
+        lines[1].contains("failover PBX") && lines[1].contains("no response"),
+        "{out}"
+    );
+    assert!(
+        lines[2].contains("failover number") && lines[2].contains("answered 200"),
+        "{out}"
+    );
+}
+
+/// `explain` prints the plan a call to the DID would follow right now, with the reasons.
+#[test]
+fn explain_prints_the_plan() {
+    let net = Net(100);
+    let c = Customer {
+        did_number: Some(OWN_NUMBER),
+        pbx_uri: Some(format!("sip:{}:{PBX_PORT}", net.backup())),
+        ..Customer::default()
+    };
+    let t1 = trunk(net, 1, &c, "");
+    register(&t1, &net.pbx(), "pbx100", &net.pbx());
+    // The binding reaches the bindings file within bindings_flush_ms.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let out = loop {
+        let (code, out, err) = carrier_cmd(&t1, &["explain", "15550001111"]);
+        assert_eq!(code, 0, "{err}");
+        if out.contains("bindings on trunk1: 1") {
+            break out;
+        }
+        assert!(std::time::Instant::now() < deadline, "{out}");
+        thread::sleep(Duration::from_millis(50));
+    };
+    let stage = |n: &str| {
+        out.lines()
+            .find(|l| l.starts_with(n))
+            .unwrap_or_else(|| panic!("no line {n}:\n{out}"))
+            .to_string()
+    };
+    assert!(
+        stage("1. primary:").contains(&format!("{}:{PBX_PORT}", net.pbx())),
+        "{out}"
+    );
+    assert!(stage("2. failover PBX:").contains(&net.backup()), "{out}");
+    assert!(stage("3. failover number:").contains(OWN_NUMBER), "{out}");
+    assert!(
+        stage("4. next trunk server:").contains("does not pass the call to trunk2"),
+        "{out}"
+    );
+    // An unknown DID: a clear error, exit 1.
+    let (code, _, err) = carrier_cmd(&t1, &["explain", "+15550009999"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("+15550009999") && err.contains("not a DID"),
+        "{err}"
+    );
+}
+
+/// `explain` for a DID without failover on a server where it is not registered: the next
+/// trunk server.
+#[test]
+fn explain_without_failover_names_the_next_server() {
+    let net = Net(101);
+    let t1 = trunk(net, 1, &Customer::default(), "");
+    let (code, out, err) = carrier_cmd(&t1, &["explain", DID]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("bindings on trunk1: 0"), "{out}");
+    assert!(out.contains("1. primary: none"), "{out}");
+    assert!(out.contains("4. next trunk server: trunk2"), "{out}");
+    assert!(out.contains("peer trunk2 at sip:"), "{out}");
 }

@@ -165,6 +165,9 @@ fn silent_pbx_fails_after_the_delivery_timer_with_480() {
     let (ip, caller, pbx) = ("127.0.76.1", "127.0.76.2", "127.0.76.3");
     let carrier = carrier(ip, caller, "pbx76");
     register_pbx(&carrier, pbx, "pbx76");
+    // The PBX's port is open but nothing answers (a closed port would be an ICMP error, acted
+    // on at once).
+    let _silent = std::net::UdpSocket::bind((pbx, PBX_PORT)).unwrap();
     let started = Instant::now();
     call(&carrier, caller, DID, 480);
     let elapsed = started.elapsed();

@@ -5,20 +5,17 @@
 //! ever queried. Every test is bounded by a 10 s timeout.
 
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::Arc;
+
 use std::time::Duration;
 
-use hickory_server::Server;
-use hickory_server::net::runtime::TokioRuntimeProvider;
+mod common;
+
+use common::dns::DnsServer;
 use hickory_server::proto::rr::rdata::A;
-use hickory_server::proto::rr::{LowerName, Name, RData, Record};
-use hickory_server::proto::serialize::txt::Parser;
-use hickory_server::store::in_memory::InMemoryZoneHandler;
-use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneHandler, ZoneType};
+use hickory_server::proto::rr::{Name, RData, Record};
 use lifeline::sip::resolve::{Lookup, ResolveError, ResolveOptions, SipResolver, Target};
 use lifeline::sip::transport::Transport;
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
 const ZONE: &str = r#"
@@ -73,58 +70,14 @@ plain             IN A     127.0.4.1
 plain             IN AAAA  ::1
 "#;
 
-/// An authoritative DNS server for one zone, stopped when dropped.
-struct DnsServer {
-    addr: SocketAddr,
-    zone: Arc<InMemoryZoneHandler>,
-    _server: Server<Catalog>,
+trait WithResolver {
+    fn resolver(&self, opts: ResolveOptions) -> SipResolver;
 }
 
-impl DnsServer {
-    async fn start(zone_text: &str) -> DnsServer {
-        let (origin, records) = Parser::new(zone_text, None, None)
-            .parse()
-            .expect("test zone parses");
-        let zone = Arc::new(
-            InMemoryZoneHandler::<TokioRuntimeProvider>::new(
-                origin.clone(),
-                records,
-                ZoneType::Primary,
-                AxfrPolicy::Deny,
-            )
-            .expect("test zone loads"),
-        );
-        let mut catalog = Catalog::new();
-        catalog.upsert(
-            LowerName::new(&origin),
-            vec![zone.clone() as Arc<dyn ZoneHandler>],
-        );
-        let (udp, tcp) = bind_udp_and_tcp().await;
-        let addr = udp.local_addr().unwrap();
-        let mut server = Server::new(catalog);
-        server.register_socket(udp);
-        server.register_listener(tcp, Duration::from_secs(5), 32);
-        DnsServer {
-            addr,
-            zone,
-            _server: server,
-        }
-    }
-
+impl WithResolver for DnsServer {
     fn resolver(&self, opts: ResolveOptions) -> SipResolver {
         SipResolver::with_nameservers_and_options(&[self.addr], opts).unwrap()
     }
-}
-
-/// UDP and TCP on the same ephemeral loopback port (retrying if TCP's is taken).
-async fn bind_udp_and_tcp() -> (UdpSocket, TcpListener) {
-    for _ in 0..20 {
-        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        if let Ok(tcp) = TcpListener::bind(udp.local_addr().unwrap()).await {
-            return (udp, tcp);
-        }
-    }
-    panic!("no free loopback port for UDP and TCP");
 }
 
 fn opts() -> ResolveOptions {

@@ -2,8 +2,9 @@
 //! inside a private network namespace (their Vias name arbitrary hosts, so no answer may leave
 //! loopback). The SIP core's own answers (400, 505, 416, 420, 483, 501) and the silent drops
 //! must match the corpus README; the carrier must be alive and answering afterwards.
-//! The REG rows are challenged here (completed in rfc4475_register.rs); the proxy rows come
-//! with the delivery proxy.
+//! The REG rows are challenged here (completed in rfc4475_register.rs). The replay source is
+//! the carrier's upstream (as the corpus README assumes), so the "proxied" rows are routed: no
+//! DID matches their users, so each gets 404 Not Found.
 
 mod common;
 
@@ -53,6 +54,26 @@ const CORE: &[(&str, Option<u16>)] = &[
     ("cparam02", Some(401)),
     ("regescrt", Some(401)),
     ("regaut01", Some(401)),
+];
+
+/// The "proxied" rows: routed by the proxy, no such DID → 404. One deliberate deviation from
+/// the README's carrier column: `wsinv` is a mid-dialog request whose Route names another host
+/// and carries no dialog token of ours; forwarding such requests would make the carrier an open
+/// relay for anyone who invents a To tag, so it gets 481 (no dialog here).
+const PROXIED: &[(&str, u16)] = &[
+    ("wsinv", 481),
+    ("intmeth", 404),
+    ("esc01", 404),
+    ("lwsdisp", 404),
+    ("longreq", 404),
+    ("semiuri", 404),
+    ("transports", 404),
+    ("mpart01", 404),
+    ("baddate", 404),
+    ("badbranch", 404),
+    ("invut", 404),
+    ("sdp01", 404),
+    ("inv2543", 404),
 ];
 
 const ALL: &[&str] = &[
@@ -154,7 +175,8 @@ fn torture_messages_over_udp() {
     // Timer J is 64·T1 = 128 ms, so files sharing a transaction key (escnull/regescrt, …)
     // are not absorbed as retransmissions of one another when spaced 150 ms or more apart.
     let mut carrier = start_carrier(
-        "[carrier]\nsip_listen = [\"udp:127.0.0.2:5060\"]\nt1_ms = 2\nt2_ms = 8\nt4_ms = 10\ntimer_d_ms = 20\n",
+        "[carrier]\nsip_listen = [\"udp:127.0.0.2:5060\"]\nt1_ms = 2\nt2_ms = 8\nt4_ms = 10\ntimer_d_ms = 20\n\
+         upstream = [\"127.0.0.1\"]\n",
         1,
     );
     // Answers go to the Via's sent-by port, 5060 when absent: listen there.
@@ -191,9 +213,48 @@ fn torture_messages_over_udp() {
                     wrong.push(format!("{file}: expected silence, got {got:?}"));
                 }
             }
-            None => {
-                if finals.iter().any(|c| CORE_CODES.contains(c)) || finals.len() > 1 {
-                    wrong.push(format!("{file}: valid for the core, got {finals:?}"));
+            None => match PROXIED.iter().find(|(f, _)| f == file) {
+                Some((_, code)) => {
+                    if finals != [*code] {
+                        wrong.push(format!(
+                            "{file}: proxied, expected [{code}], got {finals:?}"
+                        ));
+                    }
+                }
+                None => {
+                    if finals.iter().any(|c| CORE_CODES.contains(c)) || finals.len() > 1 {
+                        wrong.push(format!("{file}: valid for the core, got {finals:?}"));
+                    }
+                }
+            },
+        }
+        // longreq's 404 carries all 34 Via values; transports' the lower four unchanged.
+        let answer = got
+            .iter()
+            .find(|r| status_of(r.as_bytes()).is_some_and(|c| c >= 200));
+        if *file == "longreq"
+            && let Some(r) = answer
+        {
+            let vias: usize = r
+                .lines()
+                .filter(|l| l.to_ascii_lowercase().starts_with("via:"))
+                .map(|l| l.split(',').count())
+                .sum();
+            if vias != 34 {
+                wrong.push(format!("longreq: 404 carries {vias} Via values, not 34"));
+            }
+        }
+        if *file == "transports"
+            && let Some(r) = answer
+        {
+            for sent_by in [
+                "SIP/2.0/SCTP t2.example.com",
+                "SIP/2.0/TLS t3.example.com",
+                "SIP/2.0/UNKNOWN t4.example.com",
+                "SIP/2.0/TCP t5.example.com",
+            ] {
+                if !r.contains(sent_by) {
+                    wrong.push(format!("transports: `{sent_by}` missing from {r}"));
                 }
             }
         }

@@ -1,11 +1,13 @@
 //! `lifeline-carrier` command line: everything the binary does is a call a test can make.
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use super::admin::{self, AdminCommand};
+use super::call_log::{self, CallLogReader};
 use super::config::{CarrierConfig, Settings};
 use super::server;
 
@@ -31,6 +33,29 @@ pub enum Command {
     /// server on the same data folder picks the change up.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// List the calls this server handled, newest first, then exit.
+    ///
+    /// One block per call, fields separated by tabs. First the call:
+    /// `STARTED  CALL_ID  DID  STATUS  OUTCOME  ANSWERED_BY  DURATION`
+    /// (UTC with milliseconds; `-` if no one answered; `1234ms`), then one line per target
+    /// tried, indented by two spaces:
+    /// `+OFFSET  STAGE  TARGET  OUTCOME  DURATION`
+    /// (`+120ms`; `800ms`, or `-` if undecided). Reads `<data_dir>/calls.sqlite3` read-only:
+    /// safe while the server runs.
+    Calls {
+        /// Only the calls to this DID (with or without the `+`).
+        #[arg(long, value_name = "NUMBER")]
+        did: Option<String>,
+        /// At most this many calls.
+        #[arg(long, value_name = "N", default_value_t = 20)]
+        limit: u32,
+    },
+    /// Print how a call to a DID would be routed right now on this server (its bindings here,
+    /// its failover settings and the ordered targets of the delivery rule), then exit.
+    Explain {
+        /// The DID, with or without the `+`.
+        did: String,
+    },
 }
 
 /// Exit code for a configuration the server refuses (EX_CONFIG of sysexits.h).
@@ -82,8 +107,24 @@ pub async fn run(cli: Cli) -> i32 {
         }
     };
     init_logging(&settings.raw.log_level);
-    if let Some(Command::Admin(cmd)) = cli.command {
-        return admin::execute(cmd, &settings.raw.data_dir, &settings.raw.realm).await;
+    match cli.command {
+        Some(Command::Admin(cmd)) => {
+            return admin::execute(cmd, &settings.raw.data_dir, &settings.raw.realm).await;
+        }
+        Some(Command::Calls { did, limit }) => {
+            return calls(&settings.raw.data_dir, did.as_deref(), limit).await;
+        }
+        Some(Command::Explain { did }) => {
+            let mut out = std::io::stdout().lock();
+            return match super::explain::explain(&settings, &did, &mut out).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("lifeline-carrier: {e}");
+                    1
+                }
+            };
+        }
+        None => {}
     }
     let running = match server::start(settings).await {
         Ok(r) => r,
@@ -97,6 +138,43 @@ pub async fn run(cli: Cli) -> i32 {
     tracing::info!("shutting down");
     running.stop().await;
     0
+}
+
+/// `lifeline-carrier calls`: prints the newest calls (format in [`call_log`]). Returns the
+/// process exit code: 0, or 1 with a message naming the file when it cannot be read.
+pub async fn calls(data_dir: &Path, did: Option<&str>, limit: u32) -> i32 {
+    let log = match CallLogReader::open(data_dir).await {
+        Ok(log) => log,
+        Err(e) => {
+            eprintln!("lifeline-carrier: {e}");
+            return 1;
+        }
+    };
+    let result = log.recent(did, limit).await;
+    log.close().await;
+    let calls = match result {
+        Ok(calls) => calls,
+        Err(e) => {
+            eprintln!("lifeline-carrier: {e}");
+            return 1;
+        }
+    };
+    let out: String = calls.iter().map(call_log::format_call).collect();
+    let printed = {
+        let mut stdout = std::io::stdout().lock();
+        stdout
+            .write_all(out.as_bytes())
+            .and_then(|()| stdout.flush())
+    };
+    match printed {
+        Ok(()) => 0,
+        // A reader that stopped early (`| head`) is not a failure.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
+        Err(e) => {
+            eprintln!("lifeline-carrier: cannot print the calls: {e}");
+            1
+        }
+    }
 }
 
 async fn shutdown_signal() {

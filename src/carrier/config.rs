@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::delivery_rule::{DeliveryConfig, FailoverSet};
+use super::probe::ProbeConfig;
 use super::proxy::{Cidr, Hop, Peer, ProxyConfig};
 use super::registrar::RegistrarConfig;
 use crate::sip::digest::Algorithm;
@@ -118,6 +119,14 @@ pub struct CarrierConfig {
     /// every server can share one list. A call whose DID has no failover is passed to the
     /// next one that has not tried it.
     pub peers: Vec<PeerConfig>,
+    /// How often each registered contact is sent an OPTIONS probe; 0: never.
+    pub probe_interval_ms: u64,
+    /// A probe with no final answer within this has missed.
+    pub probe_timeout_ms: u64,
+    /// Misses in a row before a contact is skipped for calls (until it answers again).
+    pub probe_failures: u32,
+    /// Call records (`lifeline-carrier calls`) older than this many days are deleted.
+    pub call_record_days: u32,
     /// DNS servers (`"IP"` or `"IP:PORT"`) for RFC 3263 lookups of failover PBXs given by
     /// name; empty: the system's (`/etc/resolv.conf`).
     pub dns_servers: Vec<String>,
@@ -171,6 +180,10 @@ impl Default for CarrierConfig {
             failover_responses: FailoverSet::DEFAULT_CODES.to_vec(),
             pstn_gateway: None,
             peers: Vec::new(),
+            probe_interval_ms: 30_000,
+            probe_timeout_ms: 2000,
+            probe_failures: 2,
+            call_record_days: 30,
             dns_servers: Vec::new(),
         }
     }
@@ -185,6 +198,7 @@ pub struct Settings {
     pub transport: TransportOptions,
     pub registrar: RegistrarConfig,
     pub proxy: ProxyConfig,
+    pub probe: ProbeConfig,
 }
 
 impl CarrierConfig {
@@ -393,6 +407,21 @@ impl CarrierConfig {
                 ..DeliveryConfig::default()
             },
         };
+        for (key, v) in [
+            ("probe_timeout_ms", self.probe_timeout_ms),
+            ("probe_failures", u64::from(self.probe_failures)),
+            ("call_record_days", u64::from(self.call_record_days)),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be greater than 0".into()));
+            }
+        }
+        let probe = ProbeConfig {
+            interval: (self.probe_interval_ms > 0)
+                .then(|| Duration::from_millis(self.probe_interval_ms)),
+            timeout: Duration::from_millis(self.probe_timeout_ms),
+            failures: self.probe_failures,
+        };
         let transport = TransportOptions {
             stream_idle_timeout: Duration::from_millis(self.stream_idle_timeout_ms),
             ..TransportOptions::default()
@@ -404,6 +433,7 @@ impl CarrierConfig {
             transport,
             registrar,
             proxy,
+            probe,
         })
     }
 }
@@ -475,6 +505,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("failover_responses"), "{e}");
+        let s = parse("[carrier]\nprobe_interval_ms = 0\n").unwrap();
+        assert_eq!(s.probe.interval, None, "0 turns probing off");
+        let e = parse("[carrier]\nprobe_failures = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("probe_failures"), "{e}");
         let e = parse("[carrier]\ntimer_c_ms = 0\n")
             .unwrap_err()
             .to_string();
@@ -494,10 +530,15 @@ mod tests {
         assert_eq!(gw.addr, "127.0.0.13:5080".parse().unwrap());
         assert_eq!(gw.transport, crate::sip::transport::Transport::Tcp);
         assert_eq!(s.proxy.peers.len(), 2);
-        assert_eq!(s.proxy.peers[0].hop.addr, "127.0.0.10:5060".parse().unwrap());
+        assert_eq!(
+            s.proxy.peers[0].hop.addr,
+            "127.0.0.10:5060".parse().unwrap()
+        );
         // trunk1 is trusted at its URI's address; this server's own entry never is a peer.
         assert_eq!(
-            s.proxy.peer_at("127.0.0.10".parse().unwrap()).map(|p| p.name.as_str()),
+            s.proxy
+                .peer_at("127.0.0.10".parse().unwrap())
+                .map(|p| p.name.as_str()),
             Some("trunk1")
         );
         assert!(s.proxy.peer_at("10.1.2.3".parse().unwrap()).is_none());
@@ -505,17 +546,28 @@ mod tests {
         for (text, key) in [
             ("pstn_gateway = \"sip:gw.example.com\"\n", "pstn_gateway"),
             ("pstn_gateway = \"tel:+15551234\"\n", "pstn_gateway"),
-            ("[[carrier.peers]]\nname = \"a\"\nuri = \"sip:127.0.0.1;transport=sctp\"\n", "peers"),
-            ("[[carrier.peers]]\nname = \"\"\nuri = \"sip:127.0.0.1\"\n", "peers"),
+            (
+                "[[carrier.peers]]\nname = \"a\"\nuri = \"sip:127.0.0.1;transport=sctp\"\n",
+                "peers",
+            ),
+            (
+                "[[carrier.peers]]\nname = \"\"\nuri = \"sip:127.0.0.1\"\n",
+                "peers",
+            ),
             (
                 "[[carrier.peers]]\nname = \"a\"\nuri = \"sip:127.0.0.1\"\n\
                  [[carrier.peers]]\nname = \"a\"\nuri = \"sip:127.0.0.2\"\n",
                 "peers",
             ),
-            ("[[carrier.peers]]\nname = \"a\"\nuri = \"sip:127.0.0.1\"\nport = 1\n", "port"),
+            (
+                "[[carrier.peers]]\nname = \"a\"\nuri = \"sip:127.0.0.1\"\nport = 1\n",
+                "port",
+            ),
             ("dns_servers = [\"ns1\"]\n", "dns_servers"),
         ] {
-            let e = parse(&format!("[carrier]\n{text}")).unwrap_err().to_string();
+            let e = parse(&format!("[carrier]\n{text}"))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(key), "{text}: {e}");
         }
     }

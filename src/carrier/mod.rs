@@ -4,11 +4,14 @@
 
 pub mod admin;
 pub mod bindings;
+pub mod call_log;
 pub mod call_record;
 pub mod cli;
 pub mod config;
 pub mod customers;
 pub mod delivery_rule;
+pub mod explain;
+pub mod probe;
 pub mod proxy;
 pub mod registrar;
 pub mod server;

@@ -18,21 +18,25 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
+use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use tokio::time::Instant;
 use tracing::{Span, debug, info, info_span};
 
+use super::bindings::Binding;
+use super::call_record::{AttemptRecord, CallRecord};
 use super::delivery_rule::{
     Action, BranchId, CallFacts, Delivery, DeliveryConfig, DeliveryOutcome, FailoverPbx,
     FailoverPlan, Plan, Target,
 };
 use super::registrar::Contact;
+use super::registrar::unix_ms;
 use super::store::TrunkGroupId;
 use crate::sip::message::{Header, HeaderName, Message, Via};
 use crate::sip::transaction::{ClientEvent, ClientId, ClientState, ServerId, Transactions};
-use crate::sip::transport::{Flow, ListenSpec, Transport};
+use crate::sip::transport::{ConnId, Flow, ListenSpec, Transport};
 use crate::sip::uri::{Host, SipUri, Uri};
 
 // === Addresses and CIDRs ===
@@ -217,17 +221,22 @@ impl BranchTarget {
     /// TLS; over UDP to the Contact's address when it is numeric, else to the address the
     /// REGISTER came from.
     pub fn of(contact: &Contact) -> BranchTarget {
-        let flow = contact.binding.flow;
+        BranchTarget::for_binding(&contact.uri, &contact.binding, contact.conn)
+    }
+
+    /// [`BranchTarget::of`] from a binding's parts.
+    pub fn for_binding(uri: &SipUri, binding: &Binding, conn: Option<ConnId>) -> BranchTarget {
+        let flow = binding.flow;
         let dest = if flow.transport.is_stream() {
             Flow {
                 transport: flow.transport,
                 local: flow.local,
                 remote: flow.remote,
-                conn: contact.conn,
+                conn,
             }
         } else {
-            let remote = match contact.uri.host.ip() {
-                Some(ip) => SocketAddr::new(ip, contact.uri.port.unwrap_or(5060)),
+            let remote = match uri.host.ip() {
+                Some(ip) => SocketAddr::new(ip, uri.port.unwrap_or(5060)),
                 None => flow.remote,
             };
             Flow {
@@ -238,7 +247,7 @@ impl BranchTarget {
             }
         };
         BranchTarget {
-            uri: contact.uri.clone(),
+            uri: uri.clone(),
             dest,
         }
     }
@@ -269,7 +278,11 @@ struct Call {
     trusted: bool,
     /// The servers that tried it before this one (from a peer's mark).
     tried_by: Vec<String>,
+    /// The peer that passed it here.
+    from_peer: Option<String>,
     started: Instant,
+    /// When it arrived, wall clock (Unix ms), for its record.
+    started_at_ms: i64,
     delivery: Delivery<BranchTarget>,
     branches: HashMap<BranchId, ClientId>,
     /// Each branch's final response (for a later `Respond { from }`).
@@ -291,6 +304,7 @@ pub struct Proxy {
     clients: HashMap<ClientId, Role>,
     transmits: VecDeque<(Flow, Bytes)>,
     resolves: VecDeque<ResolveRequest>,
+    records: VecDeque<CallRecord>,
 }
 
 /// A new call's facts, as the service found them.
@@ -325,6 +339,7 @@ impl Proxy {
             clients: HashMap::new(),
             transmits: VecDeque::new(),
             resolves: VecDeque::new(),
+            records: VecDeque::new(),
         }
     }
 
@@ -354,6 +369,11 @@ impl Proxy {
     /// A message to send outside any transaction (a forwarded ACK).
     pub fn poll_transmit(&mut self) -> Option<(Flow, Bytes)> {
         self.transmits.pop_front()
+    }
+
+    /// The record of a call whose caller got its final answer.
+    pub fn poll_record(&mut self) -> Option<CallRecord> {
+        self.records.pop_front()
     }
 
     /// A failover PBX to resolve: report the answer with [`on_resolved`](Self::on_resolved).
@@ -448,40 +468,19 @@ impl Proxy {
                 .collect(),
             None => Vec::new(),
         };
-        let bindings: Vec<BranchTarget> = call.contacts.iter().map(BranchTarget::of).collect();
-        let failover_pbx_targets = match &call.failover.pbx {
-            None => None,
-            Some(FailoverPbx::TrunkGroup(_)) => Some(
-                call.failover_contacts
-                    .iter()
-                    .map(BranchTarget::of)
-                    .collect(),
-            ),
-            Some(FailoverPbx::Uri(text)) => match Uri::parse(&ByteString::from(text.as_str())) {
-                Ok(Uri::Sip(u)) => match (u.host.ip(), uri_transport(&u)) {
-                    (_, None) => Some(Vec::new()),
-                    (Some(ip), Some(t)) => {
-                        let addr = SocketAddr::new(ip, u.port.unwrap_or(t.default_port()));
-                        Some(vec![self.target_at(u, addr, t)])
-                    }
-                    // A name: resolved if the call gets that far.
-                    (None, Some(_)) => None,
-                },
-                _ => Some(Vec::new()),
-            },
-        };
         let already_diverted = diverted(req, call.did, call.failover.number());
-        let facts = CallFacts {
-            trunk_group: call.trunk_group,
-            bindings,
-            failover: call.failover,
-            failover_pbx_targets,
-            server: self.config.name.clone(),
-            peers: self.config.peers.iter().map(|p| p.name.clone()).collect(),
-            tried_by: tried_by.clone(),
-            already_diverted,
-        };
-        let plan = Plan::new(facts);
+        let plan = plan_call(
+            &self.config,
+            &self.bound,
+            CallSetup {
+                trunk_group: call.trunk_group,
+                contacts: &call.contacts,
+                failover: call.failover,
+                failover_contacts: &call.failover_contacts,
+                tried_by: tried_by.clone(),
+                already_diverted,
+            },
+        );
         info!(
             call_id = %req.call_id(),
             did = %call.did,
@@ -514,7 +513,9 @@ impl Proxy {
                 trunk_group: call.trunk_group,
                 trusted,
                 tried_by,
+                from_peer,
                 started: now,
+                started_at_ms: unix_ms(SystemTime::now()),
                 delivery,
                 branches: HashMap::new(),
                 finals: HashMap::new(),
@@ -753,6 +754,14 @@ impl Proxy {
                         elapsed_ms = now.duration_since(call.started).as_millis() as u64,
                         "call delivery ended"
                     );
+                    self.records.push_back(call_record(
+                        call,
+                        &self.config.name,
+                        now,
+                        &outcome,
+                        outcome_s,
+                        target,
+                    ));
                 }
             }
         }
@@ -885,6 +894,99 @@ fn relay(now: Instant, tx: &mut Transactions<Flow>, server: ServerId, mut m: Mes
     }
     if let Err(e) = tx.respond(server, now, m) {
         debug!(error = %e, "response not relayed");
+    }
+}
+
+/// What [`plan_call`] needs to know of a call.
+pub struct CallSetup<'a> {
+    pub trunk_group: TrunkGroupId,
+    /// The trunk group's usable contacts here, highest q first.
+    pub contacts: &'a [Contact],
+    pub failover: FailoverPlan,
+    /// The failover trunk group's usable contacts here (when the failover PBX is one).
+    pub failover_contacts: &'a [Contact],
+    /// The servers that tried the call already.
+    pub tried_by: Vec<String>,
+    /// The call was diverted from this DID or to its number before.
+    pub already_diverted: bool,
+}
+
+/// The delivery rule's plan for a call on this server: what the proxy follows, and what
+/// `explain` prints. A failover PBX given by an address is a target at once; one given by
+/// name is left to be resolved when the call gets that far; an unusable one has no targets.
+pub fn plan_call(
+    config: &ProxyConfig,
+    bound: &[ListenSpec],
+    call: CallSetup<'_>,
+) -> Plan<BranchTarget> {
+    let failover_pbx_targets = match &call.failover.pbx {
+        None => None,
+        Some(FailoverPbx::TrunkGroup(_)) => Some(
+            call.failover_contacts
+                .iter()
+                .map(BranchTarget::of)
+                .collect(),
+        ),
+        Some(FailoverPbx::Uri(text)) => match Uri::parse(&ByteString::from(text.as_str())) {
+            Ok(Uri::Sip(u)) => match (u.host.ip(), uri_transport(&u)) {
+                (_, None) => Some(Vec::new()),
+                (Some(ip), Some(t)) => {
+                    let addr = SocketAddr::new(ip, u.port.unwrap_or(t.default_port()));
+                    Some(vec![target_at(bound, u, addr, t)])
+                }
+                (None, Some(_)) => None,
+            },
+            _ => Some(Vec::new()),
+        },
+    };
+    Plan::new(CallFacts {
+        trunk_group: call.trunk_group,
+        bindings: call.contacts.iter().map(BranchTarget::of).collect(),
+        failover: call.failover,
+        failover_pbx_targets,
+        server: config.name.clone(),
+        peers: config.peers.iter().map(|p| p.name.clone()).collect(),
+        tried_by: call.tried_by,
+        already_diverted: call.already_diverted,
+    })
+}
+
+/// The record of a call that has its final answer.
+fn call_record(
+    call: &Call,
+    server: &str,
+    now: Instant,
+    outcome: &DeliveryOutcome<BranchTarget>,
+    outcome_name: &str,
+    answered_by: String,
+) -> CallRecord {
+    let ms = |d: std::time::Duration| d.as_millis() as u64;
+    CallRecord {
+        call_id: call.request.call_id().to_string(),
+        did: call.did.clone(),
+        trunk_group: call.trunk_group,
+        server: server.to_string(),
+        source: call.flow.remote.to_string(),
+        from_peer: call.from_peer.clone(),
+        started_at_ms: call.started_at_ms,
+        duration_ms: ms(now.saturating_duration_since(call.started)),
+        status: outcome.status(),
+        outcome: outcome_name.to_string(),
+        answered_by: (!answered_by.is_empty()).then_some(answered_by),
+        attempts: call
+            .delivery
+            .attempts()
+            .iter()
+            .map(|a| AttemptRecord {
+                stage: a.stage.to_string(),
+                target: a.target.to_string(),
+                offset_ms: ms(a.started.saturating_duration_since(call.started)),
+                duration_ms: a.duration().map(ms),
+                outcome: a
+                    .outcome
+                    .map_or_else(|| "undecided".to_string(), |o| o.to_string()),
+            })
+            .collect(),
     }
 }
 
@@ -1204,7 +1306,10 @@ mod tests {
     #[test]
     fn a_new_diversion_goes_first() {
         let mut m = invite_with("Diversion: <sip:+15557770000@192.0.2.1>;reason=user-busy\r\n");
-        prepend_diversion(&mut m, "<sip:+15550001111@127.0.0.1>;reason=unavailable".into());
+        prepend_diversion(
+            &mut m,
+            "<sip:+15550001111@127.0.0.1>;reason=unavailable".into(),
+        );
         let values = m.header_values(&diversion_header()).unwrap();
         assert_eq!(values.len(), 2);
         assert!(values[0].starts_with("<sip:+15550001111@"), "{values:?}");

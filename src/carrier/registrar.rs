@@ -60,6 +60,15 @@ pub struct Contact {
     pub conn: Option<ConnId>,
 }
 
+/// A live binding, borrowed.
+#[derive(Debug, Clone, Copy)]
+pub struct ContactRef<'a> {
+    pub trunk_group: TrunkGroupId,
+    pub uri: &'a SipUri,
+    pub binding: &'a Binding,
+    pub conn: Option<ConnId>,
+}
+
 /// The registrar: bindings of this server, digest state and the failure throttle.
 pub struct Registrar {
     config: RegistrarConfig,
@@ -124,6 +133,23 @@ impl Registrar {
             .collect();
         out.sort_by_key(|c| std::cmp::Reverse(c.binding.q.unwrap_or(1000)));
         out
+    }
+
+    /// Every live binding of every trunk group, as the prober walks them.
+    pub fn each_contact(&self, now_ms: i64) -> impl Iterator<Item = ContactRef<'_>> + '_ {
+        self.bindings
+            .iter()
+            .flat_map(move |(&trunk_group, entries)| {
+                entries
+                    .iter()
+                    .filter(move |e| e.binding.expires_at_ms > now_ms)
+                    .map(move |e| ContactRef {
+                        trunk_group,
+                        uri: &e.uri,
+                        binding: &e.binding,
+                        conn: e.conn,
+                    })
+            })
     }
 
     /// How many bindings are held.

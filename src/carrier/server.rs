@@ -22,18 +22,20 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 
 use super::bindings::BindingStore;
+use super::call_log::CallLog;
 use super::config::Settings;
 use super::customers::{Customers, watch_customers};
 use super::delivery_rule::FailoverPbx;
+use super::probe::Prober;
 use super::proxy::{NewCall, Proxy, ResolveRequest, routed_through_us};
-use super::registrar::{Registrar, unix_ms};
-use super::store::{Store, StoreError};
+use super::registrar::{Contact, Registrar, unix_ms};
+use super::store::{Store, StoreError, TrunkGroupId};
 use crate::sip::digest::Authenticator;
 use crate::sip::message::{Header, HeaderName, Message, Method, ParseError};
 use crate::sip::resolve::{Lookup, SipResolver};
 use crate::sip::transaction::{Event, RequestDisposition, ServerId, Transactions};
 use crate::sip::transport::{
-    Flow, ListenSpec, Received, SipTransport, Transport, log_bound, tls_server_config,
+    Flow, Incoming, ListenSpec, Received, SipTransport, Transport, log_bound, tls_server_config,
 };
 use crate::sip::uri::Uri;
 
@@ -86,6 +88,9 @@ pub enum StartError {
     /// The customer configuration store could not be opened or read.
     #[error("{0}")]
     Store(#[from] StoreError),
+    /// This server's call records file could not be opened.
+    #[error("{0}")]
+    CallLog(#[from] super::call_log::CallLogError),
     /// This server's bindings file could not be opened.
     #[error("{0}")]
     Bindings(#[from] super::bindings::BindingStoreError),
@@ -117,6 +122,11 @@ pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
     )
     .await?;
     info!(bindings = loaded.len(), "bindings loaded");
+    let call_log = CallLog::open(
+        dir,
+        Duration::from_secs(u64::from(settings.raw.call_record_days) * 86_400),
+    )
+    .await?;
     let auth = Authenticator::new(Duration::from_secs(settings.raw.nonce_lifetime_s));
     let registrar = Registrar::new(settings.registrar.clone(), auth, bindings, loaded);
     let (transport, incoming) =
@@ -133,6 +143,8 @@ pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
         registrar,
         customers,
         proxy: Proxy::new(settings.proxy.clone(), dialog_key, bound.clone()),
+        prober: Prober::new(settings.probe),
+        call_log,
         resolver: dns_resolver(&settings.proxy.dns_servers),
         resolved: mpsc::unbounded_channel(),
     };
@@ -152,6 +164,9 @@ struct Service {
     registrar: Registrar,
     customers: watch::Receiver<Arc<Customers>>,
     proxy: Proxy,
+    prober: Prober,
+    /// Where the record of every call goes.
+    call_log: CallLog,
     /// RFC 3263 lookups of failover PBXs given by name; `None` when no DNS is configured.
     resolver: Option<SipResolver>,
     /// Lookups finished by their tasks, back to the service loop.
@@ -186,7 +201,7 @@ fn dns_resolver(servers: &[std::net::SocketAddr]) -> Option<SipResolver> {
 impl Service {
     async fn run(
         mut self,
-        mut incoming: mpsc::Receiver<Received>,
+        mut incoming: mpsc::Receiver<Incoming>,
         mut stop: oneshot::Receiver<()>,
     ) {
         let mut expiry = tokio::time::interval(Duration::from_secs(1));
@@ -194,17 +209,27 @@ impl Service {
         loop {
             let deadline = self.transactions.poll_timeout();
             let delivery_deadline = self.proxy.poll_timeout();
+            let probe_deadline = self.prober.poll_timeout();
             tokio::select! {
                 _ = &mut stop => break,
                 received = incoming.recv() => match received {
-                    Some(r) => self.on_received(r),
+                    Some(Incoming::Message(r)) => self.on_received(r),
+                    Some(Incoming::Unreachable(flow)) => {
+                        let failed = self.transactions.handle_unreachable(Instant::now(), &flow);
+                        debug!(remote = %flow.remote, transport = %flow.transport, transactions = failed, "destination unreachable");
+                    }
                     None => break,
                 },
                 _ = sleep_until(deadline) => self.transactions.handle_timeout(Instant::now()),
                 _ = sleep_until(delivery_deadline) => {
                     self.proxy.handle_timeout(Instant::now(), &mut self.transactions)
                 }
-                _ = expiry.tick() => self.registrar.expire(unix_ms(SystemTime::now())),
+                _ = expiry.tick() => {
+                    self.registrar.expire(unix_ms(SystemTime::now()));
+                    // New bindings enter the probe schedule.
+                    self.probe(Instant::now());
+                }
+                _ = sleep_until(probe_deadline) => self.probe(Instant::now()),
                 Some(done) = self.resolved.1.recv() => self.proxy.on_resolved(
                     Instant::now(),
                     &mut self.transactions,
@@ -215,30 +240,64 @@ impl Service {
             }
             self.flush();
         }
-        // Bindings changed since the last write-behind tick must not be lost on shutdown.
+        // Bindings changed since the last write-behind tick must not be lost on shutdown, nor
+        // the records of the last calls.
         self.registrar.flush().await;
+        if let Err(e) = self.call_log.flush().await {
+            warn!(error = %e, "call records not written");
+        }
     }
 
     /// Hands everything the transactions want sent to the transports.
     fn flush(&mut self) {
         // Timeouts and transport errors of the proxy's client transactions drive its calls,
-        // which may start transactions of their own: loop until quiet.
-        while let Some(event) = self.transactions.poll_event() {
-            if let Event::Client(id, ev) = event {
-                self.proxy
-                    .on_client_event(Instant::now(), &mut self.transactions, id, ev);
+        // which may start transactions of their own, whose sends may fail at once: loop until
+        // quiet (bounded: each round either ends transactions or sends).
+        for _ in 0..16 {
+            while let Some(event) = self.transactions.poll_event() {
+                if let Event::Client(id, ev) = event
+                    && !self.prober.on_client_event(Instant::now(), id, &ev)
+                {
+                    self.proxy
+                        .on_client_event(Instant::now(), &mut self.transactions, id, ev);
+                }
+            }
+            self.proxy.tidy(&self.transactions);
+            let mut failed = Vec::new();
+            while let Some((flow, bytes)) = self.transactions.poll_transmit() {
+                if !self.send(flow, bytes) {
+                    failed.push(flow);
+                }
+            }
+            while let Some((flow, bytes)) = self.proxy.poll_transmit() {
+                self.send(flow, bytes);
+            }
+            while let Some(request) = self.proxy.poll_resolve() {
+                self.resolve(request);
+            }
+            while let Some(record) = self.proxy.poll_record() {
+                self.call_log.record(record);
+            }
+            if failed.is_empty() {
+                break;
+            }
+            for flow in failed {
+                self.transactions.handle_unreachable(Instant::now(), &flow);
             }
         }
-        self.proxy.tidy(&self.transactions);
-        while let Some((flow, bytes)) = self.transactions.poll_transmit() {
-            self.send(flow, bytes);
-        }
-        while let Some((flow, bytes)) = self.proxy.poll_transmit() {
-            self.send(flow, bytes);
-        }
-        while let Some(request) = self.proxy.poll_resolve() {
-            self.resolve(request);
-        }
+    }
+
+    /// Runs the prober: due probes sent, missed ones counted.
+    fn probe(&mut self, now: Instant) {
+        self.prober
+            .tick(now, &self.registrar, &mut self.transactions, 70);
+    }
+
+    /// The usable contacts of a trunk group: live, and not failing their probes.
+    fn usable_contacts(&self, trunk_group: TrunkGroupId, now_ms: i64) -> Vec<Contact> {
+        let mut contacts = self.registrar.contacts(trunk_group, now_ms);
+        contacts.retain(|c| !self.prober.is_failing(trunk_group, &c.binding.contact));
+        contacts
     }
 
     /// Looks a failover PBX up in a task of its own; the answer comes back to the loop.
@@ -286,9 +345,14 @@ impl Service {
         });
     }
 
-    fn send(&self, flow: Flow, bytes: Bytes) {
-        if let Err(e) = self.transport.send_nowait(flow, bytes) {
-            debug!(remote = %flow.remote, error = %e, "send failed");
+    /// Sends; false when the transport refused at once (no connection, forbidden address).
+    fn send(&self, flow: Flow, bytes: Bytes) -> bool {
+        match self.transport.send_nowait(flow, bytes) {
+            Ok(()) => true,
+            Err(e) => {
+                debug!(remote = %flow.remote, error = %e, "send failed");
+                false
+            }
         }
     }
 
@@ -300,8 +364,10 @@ impl Service {
                 let now = Instant::now();
                 match self.transactions.handle_response(now, &msg) {
                     Some((id, Some(event))) => {
-                        self.proxy
-                            .on_client_event(now, &mut self.transactions, id, event);
+                        if !self.prober.on_client_event(now, id, &event) {
+                            self.proxy
+                                .on_client_event(now, &mut self.transactions, id, event);
+                        }
                     }
                     Some((_, None)) => {}
                     // RFC 3261 §18.1.2: a response matching no transaction is dropped.
@@ -578,7 +644,7 @@ impl Service {
             return Some(r);
         }
         let now_ms = unix_ms(SystemTime::now());
-        let contacts = self.registrar.contacts(did.trunk_group_id, now_ms);
+        let contacts = self.usable_contacts(did.trunk_group_id, now_ms);
         let failover = customers.failover(did);
         // A failover trunk group counts only within the same account (the store checks this
         // when it is set; a group moved since is not delivered to).
@@ -589,7 +655,7 @@ impl Service {
                     .zip(customers.trunk_group(did.trunk_group_id))
                     .is_some_and(|(o, g)| o.account_id == g.account_id);
                 if same_account {
-                    self.registrar.contacts(*other, now_ms)
+                    self.usable_contacts(*other, now_ms)
                 } else {
                     Vec::new()
                 }

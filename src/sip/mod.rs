@@ -2,6 +2,7 @@
 //! digest authentication (RFC 7616/8760) and server location (RFC 3263).
 
 pub mod digest;
+pub mod icmp;
 pub mod message;
 pub mod resolve;
 pub mod syntax;

@@ -127,6 +127,19 @@ pub struct Received {
     pub flow: Flow,
 }
 
+/// What the transports hand to the SIP service.
+// Nearly every item is a message: boxing it would cost an allocation per message to save
+// space on the rare unreachable report.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Incoming {
+    /// A message (or what could not be parsed of one) arrived.
+    Message(Received),
+    /// A send along this flow failed after it left: an ICMP error for a UDP datagram, or a
+    /// TCP connection that could not be opened. Transactions sending there have failed.
+    Unreachable(Flow),
+}
+
 /// Why a message could not be sent.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -208,7 +221,7 @@ struct Inner {
     bound: Vec<ListenSpec>,
     conns: Mutex<Conns>,
     next_conn: AtomicU64,
-    incoming: mpsc::Sender<Received>,
+    incoming: mpsc::Sender<Incoming>,
     options: TransportOptions,
 }
 
@@ -232,7 +245,7 @@ impl SipTransport {
         specs: &[ListenSpec],
         tls: Option<Arc<rustls::ServerConfig>>,
         options: TransportOptions,
-    ) -> io::Result<(SipTransport, mpsc::Receiver<Received>)> {
+    ) -> io::Result<(SipTransport, mpsc::Receiver<Incoming>)> {
         let (tx, rx) = mpsc::channel(options.queue);
         let mut udp = Vec::new();
         let mut bound = Vec::new();
@@ -244,6 +257,9 @@ impl SipTransport {
                         .await
                         .map_err(|e| with_addr(e, spec))?;
                     let addr = sock.local_addr()?;
+                    if let Err(e) = crate::sip::icmp::enable(&sock) {
+                        warn!(%addr, error = %e, "ICMP errors not available: unreachable targets wait for their timers");
+                    }
                     bound.push(ListenSpec {
                         transport: Transport::Udp,
                         addr,
@@ -397,6 +413,12 @@ impl SipTransport {
         tokio::spawn(async move {
             if let Err(e) = transport.send(&flow, pending).await {
                 debug!(remote = %flow.remote, error = %e, "send failed");
+                // Connection refused or timed out: whoever sends there must hear of it.
+                let _ = transport
+                    .inner
+                    .incoming
+                    .send(Incoming::Unreachable(flow))
+                    .await;
             }
         });
         Ok(())
@@ -533,9 +555,23 @@ async fn udp_loop(transport: SipTransport, sock: Arc<UdpSocket>) {
     loop {
         let (n, remote) = match sock.recv_from(&mut buf).await {
             Ok(v) => v,
-            // ICMP errors for earlier sends surface here on Linux; they are not fatal.
+            // ICMP errors for earlier sends surface here (IP_RECVERR): each names the
+            // destination that could not be reached.
             Err(e) => {
                 debug!(%local, error = %e, "UDP receive error");
+                for remote in crate::sip::icmp::drain(&sock) {
+                    debug!(%local, %remote, "ICMP error: destination unreachable");
+                    let flow = Flow {
+                        transport: Transport::Udp,
+                        local,
+                        remote,
+                        conn: None,
+                    };
+                    let _ = transport
+                        .inner
+                        .incoming
+                        .try_send(Incoming::Unreachable(flow));
+                }
                 continue;
             }
         };
@@ -554,7 +590,7 @@ async fn udp_loop(transport: SipTransport, sock: Arc<UdpSocket>) {
         if let Err(mpsc::error::TrySendError::Full(_)) = transport
             .inner
             .incoming
-            .try_send(Received { message, flow })
+            .try_send(Incoming::Message(Received { message, flow }))
         {
             debug!(%remote, "receive queue full: datagram dropped");
         }
@@ -650,7 +686,7 @@ async fn read_loop<R: AsyncRead + Unpin>(transport: SipTransport, mut rd: R, flo
                     if transport
                         .inner
                         .incoming
-                        .send(Received { message, flow })
+                        .send(Incoming::Message(Received { message, flow }))
                         .await
                         .is_err()
                     {

@@ -2,6 +2,7 @@
 //! moving a test into a private network namespace.
 #![allow(dead_code)]
 
+pub mod dns;
 pub mod sipp;
 
 use std::io::{BufRead, BufReader};
