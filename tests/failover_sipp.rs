@@ -887,3 +887,91 @@ fn explain_without_failover_names_the_next_server() {
     assert!(out.contains("4. next trunk server: trunk2"), "{out}");
     assert!(out.contains("peer trunk2 at sip:"), "{out}");
 }
+
+/// A PBX that rings and answers with a P-Asserted-Identity of its own (which the carrier must
+/// not pass on: only the upstream and peers assert identities), then takes ACK and BYE.
+fn asserting_pbx_xml() -> String {
+    let dialog = "[last_Via:]\n[last_From:]\n[last_To:];tag=[pid]SIPpTag01[call_number]\n\
+                  [last_Call-ID:]\n[last_CSeq:]\n";
+    format!(
+        "<?xml version=\"1.0\" encoding=\"ISO-8859-1\" ?>\n\
+         <scenario name=\"pbx asserts\">\n\
+         <recv request=\"INVITE\"/>\n\
+         <send><![CDATA[\nSIP/2.0 180 Ringing\n{dialog}[last_Record-Route:]\n\
+         P-Asserted-Identity: <sip:pbx-claims@[local_ip]>\n\
+         Contact: <sip:pbx@[local_ip]:[local_port]>\nContent-Length: 0\n\n]]></send>\n\
+         <send retrans=\"500\"><![CDATA[\nSIP/2.0 200 OK\n{dialog}[last_Record-Route:]\n\
+         P-Asserted-Identity: <sip:pbx-claims@[local_ip]>\n\
+         Contact: <sip:pbx@[local_ip]:[local_port]>\nContent-Type: application/sdp\n\
+         Content-Length: [len]\n\nv=0\no=- 1 1 IN IP4 [local_ip]\ns=-\nc=IN IP4 [local_ip]\n\
+         t=0 0\nm=audio 4000 RTP/AVP 0\n]]></send>\n\
+         <recv request=\"ACK\"/>\n\
+         <recv request=\"BYE\"/>\n\
+         <send><![CDATA[\nSIP/2.0 200 OK\n[last_Via:]\n[last_From:]\n[last_To:]\n\
+         [last_Call-ID:]\n[last_CSeq:]\nContent-Length: 0\n\n]]></send>\n\
+         </scenario>\n"
+    )
+}
+
+/// Row 1 with both servers: the PBX registered on trunk1 answers; trunk1 delivers, trunk2
+/// never sees the call, the BYE passes through; the caller's P-Asserted-Identity reaches the
+/// PBX, the PBX's own does not reach the caller.
+#[test]
+fn row01_delivered_by_trunk1_with_identities_only_from_trusted_sources() {
+    let net = Net(102);
+    let c = Customer {
+        did_number: Some(OWN_NUMBER),
+        ..Customer::default()
+    };
+    let (t1, t2) = trunks(net, &c);
+    register(&t1, &net.pbx(), "pbx102", &net.pbx());
+    let gw = Silent::bind(&net.gateway(), GATEWAY_PORT);
+    let pbx = uas(&net.pbx(), PBX_PORT, asserting_pbx_xml());
+    let trace = call_trunk1(net, &t1, 200);
+    let pbx_trace = ok(pbx.wait(), "PBX", &t1);
+    assert!(
+        first_invite(&pbx_trace).contains("P-Asserted-Identity: <sip:+15557770000@"),
+        "{pbx_trace}"
+    );
+    assert!(
+        pbx_trace.contains("BYE sip:"),
+        "the BYE passed: {pbx_trace}"
+    );
+    assert!(trace.contains("SIP/2.0 200"), "{trace}");
+    assert!(
+        !trace.contains("pbx-claims"),
+        "the PBX's identity reached the caller: {trace}"
+    );
+    assert!(!saw_call(&t2), "trunk2 saw the call");
+    assert!(gw.received().is_empty(), "the gateway saw the call");
+    let line = ended(&t1);
+    assert!(
+        line.contains("delivered") && line.contains(&net.pbx()),
+        "{line}"
+    );
+}
+
+/// Row 12 with failover set: the PBX answers 486: the caller gets 486, the gateway never sees
+/// the call.
+#[test]
+fn row12_busy_is_relayed_and_not_failed_over() {
+    let net = Net(103);
+    let c = Customer {
+        did_number: Some(OWN_NUMBER),
+        ..Customer::default()
+    };
+    let (t1, t2) = trunks(net, &c);
+    register(&t1, &net.pbx(), "pbx103", &net.pbx());
+    let gw = Silent::bind(&net.gateway(), GATEWAY_PORT);
+    let pbx = uas(&net.pbx(), PBX_PORT, rejecting_pbx_xml(486, "Busy Here"));
+    call_trunk1(net, &t1, 486);
+    ok(pbx.wait(), "PBX", &t1);
+    let line = ended(&t1);
+    assert!(
+        line.contains("reached") && line.contains("attempts=1"),
+        "{line}"
+    );
+    thread::sleep(Duration::from_millis(300));
+    assert!(gw.received().is_empty(), "the gateway saw the call");
+    assert!(!saw_call(&t2));
+}

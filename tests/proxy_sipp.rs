@@ -212,6 +212,8 @@ fn row01_bye_from_the_pbx_passes_through() {
     // The BYE reached the caller with one hop less and the carrier's Via on top.
     let port = carrier.addr("udp").port();
     assert!(trace.contains("BYE sip:caller@127.0.77.2"), "{trace}");
+    // The PBX asserted an identity in its BYE: not passed on (it is not upstream).
+    assert!(!trace.contains("pbx-claims"), "{trace}");
     assert!(trace.contains("Max-Forwards: 69"), "{trace}");
     assert!(
         trace.contains(&format!("Via: SIP/2.0/UDP {ip}:{port};branch=z9hG4bK")),

@@ -565,6 +565,27 @@ impl Proxy {
                     let span = c.span.clone();
                     let _g = span.enter();
                     let mut current = None;
+                    // A customer's PBX does not assert identities to the caller: only the
+                    // gateway's and a peer's answers keep their P-Asserted-Identity.
+                    let untrusted = matches!(
+                        c.delivery.attempts().get(branch.index()).map(|a| &a.target),
+                        Some(Target::Binding(_) | Target::FailoverPbx(_))
+                    );
+                    let event = match event {
+                        ClientEvent::Provisional(mut m) if untrusted => {
+                            m.remove_headers(&pai_header());
+                            ClientEvent::Provisional(m)
+                        }
+                        ClientEvent::Final(mut m) if untrusted => {
+                            m.remove_headers(&pai_header());
+                            ClientEvent::Final(m)
+                        }
+                        ClientEvent::Additional2xx(mut m) if untrusted => {
+                            m.remove_headers(&pai_header());
+                            ClientEvent::Additional2xx(m)
+                        }
+                        other => other,
+                    };
                     match event {
                         ClientEvent::Provisional(m) => {
                             let status = m.status().unwrap_or(100);
@@ -794,6 +815,9 @@ impl Proxy {
         bound: &[ListenSpec],
     ) -> Option<Message> {
         let mut m = req.clone();
+        if !self.config.accepts_calls_from(flow.remote.ip()) {
+            m.remove_headers(&pai_header());
+        }
         let mut routes = req.header_values(&HeaderName::Route).unwrap_or_default();
         if !routes.is_empty() {
             routes.remove(0);
@@ -994,6 +1018,10 @@ fn call_record(
 /// of their configured names). Believed only from a peer; never sent to a PBX or the gateway.
 pub const TRIED_BY: &str = "Lifeline-Tried-By";
 
+fn pai_header() -> HeaderName {
+    HeaderName::Other("P-Asserted-Identity".into())
+}
+
 fn tried_by_header() -> HeaderName {
     HeaderName::Other(TRIED_BY.into())
 }
@@ -1131,7 +1159,7 @@ fn branch_request(call: &Call, target: &BranchTarget, dialog_key: &[u8; 32]) -> 
     m.set_uri(Uri::Sip(uri));
     m.set_max_forwards(call.request.max_forwards().unwrap_or(70).saturating_sub(1));
     if !call.trusted {
-        m.remove_headers(&HeaderName::Other("P-Asserted-Identity".into()));
+        m.remove_headers(&pai_header());
     }
     m.remove_headers(&tried_by_header());
     let transport_param = match call.flow.transport {

@@ -149,6 +149,7 @@ pub fn hanging_up_pbx_xml(did: &str) -> String {
          Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]\n\
          From: <sip:{did}@[local_ip]>;tag=[pid]SIPpTag01[call_number]\n\
          To: [$from]\n[last_Call-ID:]\nCSeq: 1 BYE\n[routes]\nMax-Forwards: 70\n\
+         P-Asserted-Identity: <sip:pbx-claims@[local_ip]>\n\
          Content-Length: 0\n\n]]></send>\n\
          <recv response=\"200\"/>\n\
          </scenario>\n"
