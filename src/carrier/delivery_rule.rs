@@ -751,7 +751,7 @@ pub struct Delivery<T> {
 
 // === impl Delivery ===
 
-impl<T: Clone> Delivery<T> {
+impl<T: Clone + fmt::Display> Delivery<T> {
     /// Plans the call and starts its first branch (or answers the caller at once when there is
     /// nothing to try).
     pub fn new(now: Instant, call: CallFacts<T>, config: DeliveryConfig) -> Self {
@@ -1013,6 +1013,7 @@ impl<T: Clone> Delivery<T> {
         info!(
             branch = branch.0,
             stage = %attempt.stage,
+            target = %attempt.target,
             outcome = %outcome,
             elapsed_ms = attempt.duration().unwrap_or_default().as_millis() as u64,
             "delivery attempt ended"

@@ -14,7 +14,8 @@
 //! polled with [`poll_transmit`](Proxy::poll_transmit) and
 //! [`poll_resolve`](Proxy::poll_resolve).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
@@ -289,6 +290,8 @@ struct Call {
     finals: HashMap<BranchId, Message>,
     /// Branches to cancel once they send a provisional (RFC 3261 §9.1).
     cancel_pending: HashSet<BranchId>,
+    /// The delivery deadline last put in the proxy's timer heap.
+    armed: Option<Instant>,
     span: Span,
 }
 
@@ -305,6 +308,9 @@ pub struct Proxy {
     transmits: VecDeque<(Flow, Bytes)>,
     resolves: VecDeque<ResolveRequest>,
     records: VecDeque<CallRecord>,
+    /// Delivery deadlines of the calls; an entry no longer the call's deadline is stale.
+    timers: BinaryHeap<Reverse<(Instant, ServerId)>>,
+    last_tidy: Option<Instant>,
 }
 
 /// A new call's facts, as the service found them.
@@ -340,6 +346,8 @@ impl Proxy {
             transmits: VecDeque::new(),
             resolves: VecDeque::new(),
             records: VecDeque::new(),
+            timers: BinaryHeap::new(),
+            last_tidy: None,
         }
     }
 
@@ -407,7 +415,7 @@ impl Proxy {
             call.delivery.handle_failover_pbx_targets(now, targets);
             self.drive(now, tx, id, None);
         }
-        self.sweep(tx);
+        self.sweep_call(id, tx);
     }
 
     fn target_at(&self, uri: SipUri, addr: SocketAddr, transport: Transport) -> BranchTarget {
@@ -415,30 +423,39 @@ impl Proxy {
     }
 
     /// The earliest delivery timer of any call.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        self.calls
-            .values()
-            .filter_map(|c| c.delivery.poll_timeout())
-            .min()
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        // Entries whose call moved its deadline or is gone are dropped lazily.
+        while let Some(&Reverse((at, id))) = self.timers.peek() {
+            if self.deadline_of(id) == Some(at) {
+                return Some(at);
+            }
+            self.timers.pop();
+        }
+        None
+    }
+
+    fn deadline_of(&self, id: ServerId) -> Option<Instant> {
+        self.calls.get(&id).and_then(|c| c.delivery.poll_timeout())
     }
 
     /// Fires the delivery timers that are due.
     pub fn handle_timeout(&mut self, now: Instant, tx: &mut Transactions<Flow>) {
-        let due: Vec<ServerId> = self
-            .calls
-            .iter()
-            .filter(|(_, c)| c.delivery.poll_timeout().is_some_and(|d| d <= now))
-            .map(|(&id, _)| id)
-            .collect();
-        for id in due {
+        while let Some(&Reverse((at, id))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            if self.deadline_of(id) != Some(at) {
+                continue;
+            }
             if let Some(call) = self.calls.get_mut(&id) {
                 let span = call.span.clone();
                 let _g = span.enter();
                 call.delivery.handle_timeout(now);
                 self.drive(now, tx, id, None);
             }
+            self.sweep_call(id, tx);
         }
-        self.sweep(tx);
     }
 
     /// Starts delivering an initial INVITE whose server transaction is `call.server`: 100
@@ -450,6 +467,7 @@ impl Proxy {
             call_id = %req.call_id(),
             did = %call.did,
             trunk_group = call.trunk_group,
+            server = %self.config.name,
         );
         let _g = span.enter();
         let trying = req.response(100, "Trying", None);
@@ -520,11 +538,12 @@ impl Proxy {
                 branches: HashMap::new(),
                 finals: HashMap::new(),
                 cancel_pending: HashSet::new(),
+                armed: None,
                 span: span.clone(),
             },
         );
         self.drive(now, tx, call.server, None);
-        self.sweep(tx);
+        self.sweep_call(call.server, tx);
     }
 
     /// The caller CANCELled INVITE server transaction `id` (its call exists).
@@ -543,7 +562,7 @@ impl Proxy {
             call.delivery.handle_cancel(now);
             self.drive(now, tx, id, None);
         }
-        self.sweep(tx);
+        self.sweep_call(id, tx);
     }
 
     /// What a client transaction reported. Returns false when it is not one of the proxy's.
@@ -613,14 +632,34 @@ impl Proxy {
                     }
                     self.drive(now, tx, call, current.map(|m| (branch, m)));
                 }
+                self.sweep_call(call, tx);
             }
         }
-        self.sweep(tx);
         true
     }
 
     /// Carries out the delivery's actions for call `id`; `current` is the response just fed.
     fn drive(
+        &mut self,
+        now: Instant,
+        tx: &mut Transactions<Flow>,
+        id: ServerId,
+        current: Option<(BranchId, Message)>,
+    ) {
+        self.drive_actions(now, tx, id, current);
+        // Re-arm the call's delivery timer when it moved.
+        if let Some(call) = self.calls.get_mut(&id) {
+            let deadline = call.delivery.poll_timeout();
+            if deadline != call.armed {
+                call.armed = deadline;
+                if let Some(at) = deadline {
+                    self.timers.push(Reverse((at, id)));
+                }
+            }
+        }
+    }
+
+    fn drive_actions(
         &mut self,
         now: Instant,
         tx: &mut Transactions<Flow>,
@@ -788,17 +827,26 @@ impl Proxy {
         }
     }
 
-    /// Forgets calls whose caller has its answer and whose branches are all gone.
-    fn sweep(&mut self, tx: &Transactions<Flow>) {
-        self.calls.retain(|_, c| {
-            !c.delivery.is_done() || c.branches.values().any(|cid| tx.client(*cid).is_some())
-        });
+    /// Forgets call `id` once its caller has its answer and its branches are all gone.
+    fn sweep_call(&mut self, id: ServerId, tx: &Transactions<Flow>) {
+        if self.calls.get(&id).is_some_and(|c| finished(c, tx)) {
+            self.calls.remove(&id);
+        }
     }
 
-    /// Forgets the client transactions that ended. Only once the table's events are drained:
-    /// an ended transaction's Timeout or TransportError may still be queued until then.
-    pub fn tidy(&mut self, tx: &Transactions<Flow>) {
-        self.sweep(tx);
+    /// Forgets finished calls and the client transactions that ended: a walk over everything,
+    /// so at most every [`TIDY_INTERVAL`] (transactions end on their own timers, without an
+    /// event to the proxy). Only once the table's events are drained: an ended transaction's
+    /// Timeout or TransportError may still be queued until then.
+    pub fn tidy(&mut self, now: Instant, tx: &Transactions<Flow>) {
+        if self
+            .last_tidy
+            .is_some_and(|t| now.saturating_duration_since(t) < TIDY_INTERVAL)
+        {
+            return;
+        }
+        self.last_tidy = Some(now);
+        self.calls.retain(|_, c| !finished(c, tx));
         self.clients.retain(|cid, _| tx.client(*cid).is_some());
     }
 
@@ -973,6 +1021,14 @@ pub fn plan_call(
         tried_by: call.tried_by,
         already_diverted: call.already_diverted,
     })
+}
+
+/// How often [`Proxy::tidy`] walks the calls and client transactions.
+const TIDY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The caller has its answer and no branch transaction is left.
+fn finished(call: &Call, tx: &Transactions<Flow>) -> bool {
+    call.delivery.is_done() && call.branches.values().all(|cid| tx.client(*cid).is_none())
 }
 
 /// The record of a call that has its final answer.

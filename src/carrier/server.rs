@@ -262,7 +262,7 @@ impl Service {
                         .on_client_event(Instant::now(), &mut self.transactions, id, ev);
                 }
             }
-            self.proxy.tidy(&self.transactions);
+            self.proxy.tidy(Instant::now(), &self.transactions);
             let mut failed = Vec::new();
             while let Some((flow, bytes)) = self.transactions.poll_transmit() {
                 if !self.send(flow, bytes) {
