@@ -227,8 +227,11 @@ impl CarrierConfig {
             key,
             message,
         };
-        if self.name.trim().is_empty() {
-            return Err(invalid("name", "must not be empty".into()));
+        if self.name.trim().is_empty() || self.name.contains([',', ' ', '\t']) {
+            return Err(invalid(
+                "name",
+                "must be non-empty, without commas or spaces (servers mark calls with it)".into(),
+            ));
         }
         if self.realm.is_empty() || self.realm.contains(['"', '\\', '\r', '\n']) {
             return Err(invalid(
@@ -369,6 +372,16 @@ impl CarrierConfig {
                 return Err(invalid("peers", format!("`{name}` is listed twice")));
             }
             let hop = Hop::parse(&p.uri).map_err(|e| invalid("peers", format!("{name}: {e}")))?;
+            // Listed under another name, this server would pass calls to itself.
+            if p.name != self.name && listen.iter().any(|l| l.addr == hop.addr) {
+                return Err(invalid(
+                    "peers",
+                    format!(
+                        "`{name}` has this server's own address {}: list it as `{}`",
+                        hop.addr, self.name
+                    ),
+                ));
+            }
             let trusted = if p.addresses.is_empty() {
                 vec![Cidr::host(hop.addr.ip())]
             } else {
@@ -564,6 +577,12 @@ mod tests {
                 "port",
             ),
             ("dns_servers = [\"ns1\"]\n", "dns_servers"),
+            ("name = \"trunk 1\"\n", "name"),
+            (
+                "sip_listen = [\"udp:127.0.0.10:5060\"]\n\
+                 [[carrier.peers]]\nname = \"other\"\nuri = \"sip:127.0.0.10:5060\"\n",
+                "own address",
+            ),
         ] {
             let e = parse(&format!("[carrier]\n{text}"))
                 .unwrap_err()

@@ -41,8 +41,8 @@
 //!   answer gets the call (the current branch is cancelled); every 2xx after that is forwarded
 //!   as RFC 3261 §16.7 step 10 asks;
 //! - best response (RFC 3261 §16.7 step 6, simplified): a 6xx, else the lowest class, the
-//!   first received within a class; 503 is passed on as 500. Only failover-set answers count:
-//!   the others were relayed.
+//!   first received within a class. Only failover-set answers count: the others were relayed.
+//!   503 is passed on as 500, whether it is the best failure or a reached target's answer.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -1043,6 +1043,9 @@ impl<T: Clone + fmt::Display> Delivery<T> {
     }
 
     fn relay_final(&mut self, branch: BranchId, status: u16) {
+        // A proxy never passes 503 on: the caller would take it as this server being
+        // unavailable and retry elsewhere (RFC 3261 §16.7 step 6).
+        let status = if status == 503 { 500 } else { status };
         let outcome = self.reached_outcome(branch, status);
         self.answer(status, Some(branch), outcome);
     }
@@ -1299,7 +1302,8 @@ mod tests {
         drain(&mut d);
         d.handle_response(t0, b(0), 183);
         d.handle_response(t0, b(0), 503);
-        assert_eq!(drain(&mut d)[1], respond(503, Some(0)));
+        // Relayed, no failover; as 500 (a proxy never passes 503 on).
+        assert_eq!(drain(&mut d)[1], respond(500, Some(0)));
     }
 
     #[test]
@@ -1819,6 +1823,17 @@ mod tests {
     }
 
     // === best response ===
+
+    #[test]
+    fn a_503_after_ringing_is_passed_on_as_500() {
+        let t0 = Instant::now();
+        let mut d = D::new(t0, facts(&["pbx"]), DeliveryConfig::default());
+        drain(&mut d);
+        d.handle_response(t0, b(0), 180);
+        d.handle_response(t0, b(0), 503);
+        let actions = drain(&mut d);
+        assert!(actions.contains(&respond(500, Some(0))), "{actions:?}");
+    }
 
     #[test]
     fn best_response_prefers_6xx_then_the_lowest_class() {

@@ -58,6 +58,8 @@ struct State {
     sent_at: Instant,
     misses: u32,
     failing: bool,
+    /// When the binding was last registered or refreshed.
+    registered_at_ms: i64,
 }
 
 /// The prober's state: one entry per probed binding.
@@ -117,7 +119,16 @@ impl Prober {
                 sent_at: now,
                 misses: 0,
                 failing: false,
+                registered_at_ms: c.binding.registered_at_ms,
             });
+            if state.registered_at_ms != c.binding.registered_at_ms {
+                // Re-registered (a rebooted PBX, say): probe now rather than keep skipping it
+                // for up to an interval on old evidence.
+                state.registered_at_ms = c.binding.registered_at_ms;
+                if state.failing && state.in_flight.is_none() {
+                    state.next_at = now;
+                }
+            }
             if let Some((id, miss_at)) = state.in_flight {
                 if miss_at > now {
                     continue;

@@ -196,6 +196,16 @@ impl ProxyConfig {
             .find(|p| p.trusted.iter().any(|c| c.contains(ip)))
     }
 
+    /// Whether `ip` may assert identities (P-Asserted-Identity): the upstream, a peer or the
+    /// PSTN gateway; customers' PBXs may not.
+    pub fn asserts_identity(&self, ip: IpAddr) -> bool {
+        self.accepts_calls_from(ip)
+            || self
+                .pstn_gateway
+                .as_ref()
+                .is_some_and(|g| g.addr.ip().to_canonical() == ip.to_canonical())
+    }
+
     /// Whether new calls are accepted from `ip`: the upstream or a peer.
     pub fn accepts_calls_from(&self, ip: IpAddr) -> bool {
         self.is_upstream(ip) || self.peer_at(ip).is_some()
@@ -273,6 +283,8 @@ struct Call {
     request: Message,
     /// The flow it came in on.
     flow: Flow,
+    /// Where responses to it go (RFC 3261 §18.2.2, RFC 3581).
+    reply_to: Flow,
     did: String,
     trunk_group: TrunkGroupId,
     /// It came from the upstream or a peer: its P-Asserted-Identity is kept.
@@ -527,6 +539,7 @@ impl Proxy {
             Call {
                 request: req.clone(),
                 flow: call.flow,
+                reply_to: super::server::response_flow(req.top_via(), call.flow),
                 did: call.did.to_string(),
                 trunk_group: call.trunk_group,
                 trusted,
@@ -590,6 +603,21 @@ impl Proxy {
                         c.delivery.attempts().get(branch.index()).map(|a| &a.target),
                         Some(Target::Binding(_) | Target::FailoverPbx(_))
                     );
+                    let event = match event {
+                        ClientEvent::Provisional(mut m) => {
+                            rewrite_record_route(&mut m, &self.bound, &self.dialog_key);
+                            ClientEvent::Provisional(m)
+                        }
+                        ClientEvent::Final(mut m) => {
+                            rewrite_record_route(&mut m, &self.bound, &self.dialog_key);
+                            ClientEvent::Final(m)
+                        }
+                        ClientEvent::Additional2xx(mut m) => {
+                            rewrite_record_route(&mut m, &self.bound, &self.dialog_key);
+                            ClientEvent::Additional2xx(m)
+                        }
+                        other => other,
+                    };
                     let event = match event {
                         ClientEvent::Provisional(mut m) if untrusted => {
                             m.remove_headers(&pai_header());
@@ -759,7 +787,13 @@ impl Proxy {
                         _ => call.finals.get(&branch).cloned(),
                     };
                     if let Some(m) = m {
-                        relay(now, tx, id, m);
+                        // A 2xx after the caller's final answer (RFC 6026): through the server
+                        // transaction while it accepts one, else statelessly, so the caller can
+                        // ACK it and hang up; nobody else would.
+                        let m = without_our_via(m);
+                        if tx.respond(id, now, m.clone()).is_err() {
+                            self.transmits.push_back((call.reply_to, m.to_bytes()));
+                        }
                     }
                 }
                 Action::Respond { status, from } => {
@@ -863,7 +897,7 @@ impl Proxy {
         bound: &[ListenSpec],
     ) -> Option<Message> {
         let mut m = req.clone();
-        if !self.config.accepts_calls_from(flow.remote.ip()) {
+        if !self.config.asserts_identity(flow.remote.ip()) {
             m.remove_headers(&pai_header());
         }
         let mut routes = req.header_values(&HeaderName::Route).unwrap_or_default();
@@ -960,13 +994,18 @@ fn relay_in_dialog(
 }
 
 /// Relays a branch's response to the caller (our Via removed).
-fn relay(now: Instant, tx: &mut Transactions<Flow>, server: ServerId, mut m: Message) {
-    if m.vias().len() > 1 {
-        m.pop_via();
-    }
+fn relay(now: Instant, tx: &mut Transactions<Flow>, server: ServerId, m: Message) {
+    let m = without_our_via(m);
     if let Err(e) = tx.respond(server, now, m) {
         debug!(error = %e, "response not relayed");
     }
+}
+
+fn without_our_via(mut m: Message) -> Message {
+    if m.vias().len() > 1 {
+        m.pop_via();
+    }
+    m
 }
 
 /// What [`plan_call`] needs to know of a call.
@@ -1187,13 +1226,20 @@ fn prepend_diversion(m: &mut Message, value: String) {
 }
 
 /// Whether a Diversion or History-Info entry of `req` names the DID or the failover number:
-/// the call has been diverted along this path before.
+/// the call has been diverted along this path before. Every Diversion entry is a diversion;
+/// of History-Info (RFC 7044) the last entry is only the current Request-URI (an upstream
+/// that keeps History-Info adds one for the DID itself), so it does not count.
 fn diverted(req: &Message, did: &str, number: Option<&str>) -> bool {
     let digits = |s: &str| s.trim_start_matches('+').to_string();
     let wanted: Vec<String> = std::iter::once(did).chain(number).map(digits).collect();
-    [diversion_header(), HeaderName::Other("History-Info".into())]
-        .iter()
-        .flat_map(|h| req.name_addrs(h).unwrap_or_default())
+    let mut history = req
+        .name_addrs(&HeaderName::Other("History-Info".into()))
+        .unwrap_or_default();
+    history.pop();
+    req.name_addrs(&diversion_header())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(history)
         .filter_map(|n| match n.uri {
             Uri::Sip(u) => u
                 .user_unescaped()
@@ -1223,7 +1269,12 @@ fn branch_request(call: &Call, target: &BranchTarget, dialog_key: &[u8; 32]) -> 
         Transport::Tcp => ";transport=tcp",
         Transport::Tls => ";transport=tls",
     };
-    let token = dialog_token(dialog_key, call.request.call_id());
+    // The callee's requests of the dialog go to the caller's Contact.
+    let token = dialog_token(
+        dialog_key,
+        call.request.call_id(),
+        &target_key(contact_uri(&call.request).as_ref()),
+    );
     m.insert_header_first(Header::new(
         HeaderName::RecordRoute,
         format!(
@@ -1274,17 +1325,86 @@ pub fn names_us(uri: &Uri, bound: &[ListenSpec]) -> bool {
 /// The Record-Route parameter that carries the dialog token.
 pub const DIALOG_PARAM: &str = "lld";
 
-/// A dialog token: an HMAC of the Call-ID under this server's key. It goes into the
-/// Record-Route of every call this server delivers; an in-dialog request is forwarded only when
-/// its top Route carries the token of its own Call-ID. Without it, anyone could have the
-/// carrier relay a "mid-dialog" INVITE to any address (an open relay, toll fraud).
-pub fn dialog_token(key: &[u8; 32], call_id: &str) -> String {
-    let mac = crate::sip::digest::hmac_sha256(key, &[b"lifeline dialog", call_id.as_bytes()]);
+/// A dialog token: an HMAC, under this server's key, of the Call-ID and of the remote target
+/// that requests carrying it may be sent to (`host:port` of a Contact). It goes into this
+/// server's Record-Route: in the INVITE bound to the caller's Contact (what the callee's
+/// requests are sent to), rewritten in the callee's responses to bind the callee's Contact
+/// (RFC 3261 §16.7 lets a proxy rewrite its own Record-Route in responses). An in-dialog
+/// request is forwarded only when its top Route carries the token of its Call-ID and its
+/// Request-URI. Without the token anyone could have the carrier relay a "mid-dialog" INVITE
+/// anywhere; without the target, a party of one call could reuse its token to reach any
+/// address, the PSTN gateway included (toll fraud). A target refreshed by a re-INVITE is not
+/// followed: requests to the new Contact are refused.
+pub fn dialog_token(key: &[u8; 32], call_id: &str, target: &str) -> String {
+    let mac = crate::sip::digest::hmac_sha256(
+        key,
+        &[
+            b"lifeline dialog",
+            call_id.as_bytes(),
+            b"\0",
+            target.as_bytes(),
+        ],
+    );
     hex::encode(&mac[..12])
 }
 
+/// The `host:port` a dialog token binds: a SIP URI's host (lowercase) and port (5060 when
+/// absent); empty for other URIs (no request can match it).
+pub fn target_key(uri: Option<&Uri>) -> String {
+    match uri.and_then(|u| u.as_sip()) {
+        Some(u) => format!(
+            "{}:{}",
+            u.host.to_string().to_ascii_lowercase(),
+            u.port.unwrap_or(5060)
+        ),
+        None => String::new(),
+    }
+}
+
+/// The first Contact URI of a message.
+fn contact_uri(m: &Message) -> Option<Uri> {
+    m.name_addrs(&HeaderName::Contact)
+        .ok()
+        .and_then(|c| c.into_iter().next())
+        .map(|n| n.uri)
+}
+
+/// In a response of the callee, binds this server's Record-Route token to the callee's Contact:
+/// the caller's requests of the dialog are sent there.
+fn rewrite_record_route(m: &mut Message, bound: &[ListenSpec], key: &[u8; 32]) {
+    let Ok(routes) = m.name_addrs(&HeaderName::RecordRoute) else {
+        return;
+    };
+    let ours = |n: &crate::sip::uri::NameAddr| {
+        names_us(&n.uri, bound)
+            && n.uri
+                .as_sip()
+                .is_some_and(|u| u.params.value(DIALOG_PARAM).is_some())
+    };
+    if !routes.iter().any(ours) {
+        return;
+    }
+    let token = dialog_token(key, m.call_id(), &target_key(contact_uri(m).as_ref()));
+    let values: Vec<String> = routes
+        .into_iter()
+        .map(|mut n| {
+            if ours(&n)
+                && let Uri::Sip(u) = &mut n.uri
+            {
+                u.params.set(DIALOG_PARAM, Some(&token));
+            }
+            n.to_string()
+        })
+        .collect();
+    m.remove_headers(&HeaderName::RecordRoute);
+    for v in values {
+        m.push_header(Header::new(HeaderName::RecordRoute, v));
+    }
+}
+
 /// Whether the request's top Route names this server and carries the dialog token of the
-/// request's Call-ID: the dialog was set up through this server.
+/// request's Call-ID and Request-URI: the dialog was set up through this server, and the
+/// request goes to a party of it.
 pub fn routed_through_us(req: &Message, bound: &[ListenSpec], key: &[u8; 32]) -> bool {
     let Some(top) = req
         .name_addrs(&HeaderName::Route)
@@ -1296,7 +1416,7 @@ pub fn routed_through_us(req: &Message, bound: &[ListenSpec], key: &[u8; 32]) ->
     let token = top.uri.as_sip().and_then(|u| u.params.value(DIALOG_PARAM));
     names_us(&top.uri, bound)
         && token.is_some_and(|t| {
-            let want = dialog_token(key, req.call_id());
+            let want = dialog_token(key, req.call_id(), &target_key(req.uri()));
             bool::from(subtle::ConstantTimeEq::ct_eq(t.as_bytes(), want.as_bytes()))
         })
 }
@@ -1379,12 +1499,80 @@ mod tests {
         // The DID itself, written without `+`, in a SIP URI.
         let m = invite_with("Diversion: <sip:15550001111@192.0.2.1>;reason=unavailable\r\n");
         assert!(diverted(&m, did, None));
-        // The failover number, in a tel: URI of History-Info, second of two entries.
+        // The failover number, in a tel: URI of History-Info, retargeted from (not the last).
         let m = invite_with(
-            "History-Info: <sip:+15557770000@192.0.2.1>;index=1, <tel:+15559990001>;index=1.1\r\n",
+            "History-Info: <tel:+15559990001>;index=1, <sip:+15550001111@192.0.2.1>;index=1.1\r\n",
         );
         assert!(diverted(&m, did, Some("+15559990001")));
         assert!(!diverted(&m, did, Some("+15559990002")));
+        // An upstream keeping History-Info names the DID as the current target (the last
+        // entry): that is no diversion.
+        let m = invite_with("History-Info: <sip:+15550001111@192.0.2.9>;index=1\r\n");
+        assert!(!diverted(&m, did, Some("+15559990001")));
+    }
+
+    fn bound() -> Vec<ListenSpec> {
+        vec!["udp:127.0.0.10:5060".parse().unwrap()]
+    }
+
+    fn in_dialog(ruri: &str, token: &str) -> Message {
+        let text = format!(
+            "BYE {ruri} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.11;branch=z9hG4bK2\r\n\
+             Route: <sip:127.0.0.10:5060;lr;lld={token}>\r\n\
+             From: <sip:a@127.0.0.2>;tag=1\r\nTo: <sip:b@127.0.0.1>;tag=2\r\n\
+             Call-ID: c1\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n"
+        );
+        Message::parse(Bytes::from(text)).unwrap()
+    }
+
+    #[test]
+    fn a_dialog_token_is_good_only_towards_the_target_it_binds() {
+        let key = [7u8; 32];
+        let caller = "sip:caller@127.0.0.14:5070";
+        let token = dialog_token(&key, "c1", "127.0.0.14:5070");
+        assert!(routed_through_us(
+            &in_dialog(caller, &token),
+            &bound(),
+            &key
+        ));
+        // The same token cannot send the dialog's requests anywhere else (the gateway).
+        let gw = "sip:+19005550000@127.0.0.13:5060";
+        assert!(!routed_through_us(&in_dialog(gw, &token), &bound(), &key));
+        // Nor another Call-ID, nor another key.
+        let other = dialog_token(&key, "c2", "127.0.0.14:5070");
+        assert!(!routed_through_us(
+            &in_dialog(caller, &other),
+            &bound(),
+            &[8u8; 32]
+        ));
+        assert!(!routed_through_us(
+            &in_dialog(caller, &other),
+            &bound(),
+            &key
+        ));
+    }
+
+    #[test]
+    fn the_callees_answer_binds_the_token_to_its_contact() {
+        let key = [7u8; 32];
+        let text = "SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 127.0.0.14:5070;branch=z9hG4bK1\r\n\
+                    Record-Route: <sip:127.0.0.20:5060;lr;lld=aaaa>, <sip:127.0.0.10:5060;lr;lld=bbbb>\r\n\
+                    From: <sip:a@127.0.0.14>;tag=1\r\nTo: <sip:b@127.0.0.10>;tag=2\r\n\
+                    Call-ID: c1\r\nCSeq: 1 INVITE\r\nContact: <sip:pbx@127.0.0.11:5071>\r\n\
+                    Content-Length: 0\r\n\r\n";
+        let mut m = Message::parse(Bytes::from(text)).unwrap();
+        rewrite_record_route(&mut m, &bound(), &key);
+        let rr = m.header_values(&HeaderName::RecordRoute).unwrap();
+        assert_eq!(rr.len(), 2);
+        // The other server's entry untouched, ours rebound to the callee's Contact.
+        assert_eq!(&rr[0][..], "<sip:127.0.0.20:5060;lr;lld=aaaa>");
+        let token = dialog_token(&key, "c1", "127.0.0.11:5071");
+        assert!(rr[1].contains(&token), "{rr:?}");
+        assert!(routed_through_us(
+            &in_dialog("sip:pbx@127.0.0.11:5071", &token),
+            &bound(),
+            &key
+        ));
     }
 
     #[test]

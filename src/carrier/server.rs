@@ -33,7 +33,7 @@ use super::store::{Store, StoreError, TrunkGroupId};
 use crate::sip::digest::Authenticator;
 use crate::sip::message::{Header, HeaderName, Message, Method, ParseError};
 use crate::sip::resolve::{Lookup, SipResolver};
-use crate::sip::transaction::{Event, RequestDisposition, ServerId, Transactions};
+use crate::sip::transaction::{Event, RequestDisposition, ServerEvent, ServerId, Transactions};
 use crate::sip::transport::{
     Flow, Incoming, ListenSpec, Received, SipTransport, Transport, log_bound, tls_server_config,
 };
@@ -255,11 +255,24 @@ impl Service {
         // quiet (bounded: each round either ends transactions or sends).
         for _ in 0..16 {
             while let Some(event) = self.transactions.poll_event() {
-                if let Event::Client(id, ev) = event
-                    && !self.prober.on_client_event(Instant::now(), id, &ev)
-                {
-                    self.proxy
-                        .on_client_event(Instant::now(), &mut self.transactions, id, ev);
+                match event {
+                    Event::Client(id, ev) => {
+                        if !self.prober.on_client_event(Instant::now(), id, &ev) {
+                            self.proxy.on_client_event(
+                                Instant::now(),
+                                &mut self.transactions,
+                                id,
+                                ev,
+                            );
+                        }
+                    }
+                    // The caller cannot be reached any more: its call's branches are cancelled,
+                    // as if it had sent CANCEL.
+                    Event::Server(id, ServerEvent::TransportError) if self.proxy.has_call(id) => {
+                        self.proxy
+                            .cancel(Instant::now(), &mut self.transactions, id);
+                    }
+                    Event::Server(..) => {}
                 }
             }
             self.proxy.tidy(Instant::now(), &self.transactions);
@@ -683,7 +696,7 @@ impl Service {
 /// Where responses to a request go: back on its connection for streams (else to the sent-by
 /// port); over UDP to the received address and the rport or sent-by port (RFC 3261 §18.2.2,
 /// RFC 3581).
-fn response_flow(via: &crate::sip::message::Via, flow: Flow) -> Flow {
+pub(crate) fn response_flow(via: &crate::sip::message::Via, flow: Flow) -> Flow {
     if flow.transport.is_stream() {
         // Back on the request's connection; if that is gone, a new connection goes to the
         // source address and the sent-by port, not the old ephemeral port (§18.2.2).

@@ -49,24 +49,68 @@ pub fn drain(sock: &UdpSocket) -> Vec<SocketAddr> {
             Err(Errno::EINTR) => continue,
             Err(_) => break, // EAGAIN: the queue is empty
         };
-        let from_icmp = msg.cmsgs().is_ok_and(|mut cmsgs| {
+        // The datagram's original destination comes as the message's address.
+        let Some(dest) = msg.address.as_ref().and_then(socket_addr) else {
+            continue;
+        };
+        let unreachable = msg.cmsgs().is_ok_and(|mut cmsgs| {
             cmsgs.any(|c| match c {
-                ControlMessageOwned::Ipv4RecvErr(e, _) => {
+                ControlMessageOwned::Ipv4RecvErr(e, offender) => {
                     e.ee_origin == nix::libc::SO_EE_ORIGIN_ICMP
+                        && means_unreachable(
+                            e.ee_errno,
+                            dest,
+                            offender.map(|o| {
+                                std::net::IpAddr::from(std::net::Ipv4Addr::from(u32::from_be(
+                                    o.sin_addr.s_addr,
+                                )))
+                            }),
+                        )
                 }
-                ControlMessageOwned::Ipv6RecvErr(e, _) => {
+                ControlMessageOwned::Ipv6RecvErr(e, offender) => {
                     e.ee_origin == nix::libc::SO_EE_ORIGIN_ICMP6
+                        && means_unreachable(
+                            e.ee_errno,
+                            dest,
+                            offender.map(|o| {
+                                std::net::IpAddr::from(std::net::Ipv6Addr::from(
+                                    o.sin6_addr.s6_addr,
+                                ))
+                            }),
+                        )
                 }
                 _ => false,
             })
         });
-        // The datagram's original destination comes as the message's address.
-        let dest = msg.address.as_ref().and_then(socket_addr);
-        if let (true, Some(dest)) = (from_icmp, dest) {
+        if unreachable {
             out.push(dest);
         }
     }
     out
+}
+
+/// Whether an ICMP error means the destination cannot be reached: port, host or network
+/// unreachable. Others (fragmentation needed for path MTU discovery, time exceeded, parameter
+/// problem) say nothing about the target, and a retransmission may well get through. A port
+/// unreachable must come from the destination itself: one from anywhere else is forged.
+fn means_unreachable(errno: u32, dest: SocketAddr, offender: Option<std::net::IpAddr>) -> bool {
+    let errno = i32::try_from(errno).unwrap_or(0);
+    match errno {
+        nix::libc::ECONNREFUSED => {
+            offender.is_none_or(|o| o.to_canonical() == dest.ip().to_canonical())
+        }
+        nix::libc::EHOSTUNREACH | nix::libc::ENETUNREACH => true,
+        _ => false,
+    }
+}
+
+/// Whether a send failed only because an earlier datagram's ICMP error was pending on the
+/// socket (with `IP_RECVERR`, the next send to any address reports it): drain and retry.
+pub fn is_pending_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(nix::libc::ECONNREFUSED | nix::libc::EHOSTUNREACH | nix::libc::ENETUNREACH)
+    )
 }
 
 fn socket_addr(s: &SockaddrStorage) -> Option<SocketAddr> {

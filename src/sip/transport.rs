@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::sip::icmp;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -257,7 +258,7 @@ impl SipTransport {
                         .await
                         .map_err(|e| with_addr(e, spec))?;
                     let addr = sock.local_addr()?;
-                    if let Err(e) = crate::sip::icmp::enable(&sock) {
+                    if let Err(e) = icmp::enable(&sock) {
                         warn!(%addr, error = %e, "ICMP errors not available: unreachable targets wait for their timers");
                     }
                     bound.push(ListenSpec {
@@ -357,8 +358,17 @@ impl SipTransport {
         match flow.transport {
             Transport::Udp => {
                 let sock = self.udp_socket(flow)?;
-                sock.send_to(&bytes, flow.remote).await?;
-                Ok(())
+                let mut tries = 0;
+                loop {
+                    match sock.send_to(&bytes, flow.remote).await {
+                        Ok(_) => return Ok(()),
+                        Err(e) if icmp::is_pending_error(&e) && tries < 3 => {
+                            tries += 1;
+                            self.report_icmp(sock);
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
             }
             Transport::Tcp | Transport::Tls => {
                 let tx = self.conn_sender(flow);
@@ -382,10 +392,19 @@ impl SipTransport {
         let pending = match flow.transport {
             Transport::Udp => {
                 let sock = self.udp_socket(&flow)?;
-                match sock.try_send_to(&bytes, flow.remote) {
-                    Ok(_) => return Ok(()),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => bytes,
-                    Err(e) => return Err(e.into()),
+                let mut tries = 0;
+                loop {
+                    match sock.try_send_to(&bytes, flow.remote) {
+                        Ok(_) => return Ok(()),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break bytes,
+                        // An earlier datagram's ICMP error, reported on this send: it is not
+                        // about this destination. Hand it to whom it concerns and send again.
+                        Err(e) if icmp::is_pending_error(&e) && tries < 3 => {
+                            tries += 1;
+                            self.report_icmp(sock);
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
                 }
             }
             Transport::Tcp | Transport::Tls => {
@@ -422,6 +441,12 @@ impl SipTransport {
             }
         });
         Ok(())
+    }
+
+    /// Reads the ICMP errors queued on a UDP socket and reports the destinations they name.
+    fn report_icmp(&self, sock: &UdpSocket) {
+        let Ok(local) = sock.local_addr() else { return };
+        report_unreachable(self, sock, local);
     }
 
     /// The send queue of the flow's connection, else of any open connection to its remote.
@@ -549,6 +574,23 @@ fn check_destination(ip: IpAddr) -> Result<(), SendError> {
     Ok(())
 }
 
+/// Drains a UDP socket's queued ICMP errors and reports each unreachable destination.
+fn report_unreachable(transport: &SipTransport, sock: &UdpSocket, local: SocketAddr) {
+    for remote in icmp::drain(sock) {
+        debug!(%local, %remote, "ICMP error: destination unreachable");
+        let flow = Flow {
+            transport: Transport::Udp,
+            local,
+            remote,
+            conn: None,
+        };
+        let _ = transport
+            .inner
+            .incoming
+            .try_send(Incoming::Unreachable(flow));
+    }
+}
+
 async fn udp_loop(transport: SipTransport, sock: Arc<UdpSocket>) {
     let Ok(local) = sock.local_addr() else { return };
     let mut buf = vec![0u8; 65_535];
@@ -559,19 +601,7 @@ async fn udp_loop(transport: SipTransport, sock: Arc<UdpSocket>) {
             // destination that could not be reached.
             Err(e) => {
                 debug!(%local, error = %e, "UDP receive error");
-                for remote in crate::sip::icmp::drain(&sock) {
-                    debug!(%local, %remote, "ICMP error: destination unreachable");
-                    let flow = Flow {
-                        transport: Transport::Udp,
-                        local,
-                        remote,
-                        conn: None,
-                    };
-                    let _ = transport
-                        .inner
-                        .incoming
-                        .try_send(Incoming::Unreachable(flow));
-                }
+                report_unreachable(&transport, &sock, local);
                 continue;
             }
         };
@@ -714,5 +744,68 @@ async fn read_loop<R: AsyncRead + Unpin>(transport: SipTransport, mut rd: R, flo
 pub fn log_bound(bound: &[ListenSpec]) {
     for b in bound {
         info!(transport = %b.transport.as_str().to_ascii_lowercase(), addr = %b.addr, "listening");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With IP_RECVERR, an ICMP error for one destination is reported by the next send to any
+    /// destination. That send must still reach its own destination, and the error must be
+    /// reported against the address it concerns.
+    #[tokio::test]
+    async fn an_icmp_error_for_one_peer_does_not_fail_a_send_to_another() {
+        let spec: ListenSpec = "udp:127.0.0.1:0".parse().unwrap();
+        let (transport, mut incoming) =
+            SipTransport::bind(&[spec], None, TransportOptions::default())
+                .await
+                .unwrap();
+        let local = transport.bound()[0].addr;
+        let dead = {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.local_addr().unwrap()
+        };
+        let live = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let flow = |remote| Flow {
+            transport: Transport::Udp,
+            local,
+            remote,
+            conn: None,
+        };
+        // Several rounds: the ICMP error arrives at its own pace.
+        for round in 0..5 {
+            transport
+                .send_nowait(flow(dead), Bytes::from_static(b"OPTIONS dead"))
+                .unwrap();
+            // Block this (only) runtime thread so the receive loop cannot take the error
+            // first: the service loop and the receive loop race like this in production.
+            std::thread::sleep(Duration::from_millis(20));
+            transport
+                .send_nowait(
+                    flow(live.local_addr().unwrap()),
+                    Bytes::from(format!("live {round}")),
+                )
+                .expect("the send to the live peer is not blamed for the dead one");
+            let mut buf = [0u8; 64];
+            let n = tokio::time::timeout(Duration::from_secs(5), live.recv(&mut buf))
+                .await
+                .expect("the live peer got its datagram")
+                .unwrap();
+            assert_eq!(&buf[..n], format!("live {round}").as_bytes());
+        }
+        let report = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match incoming.recv().await {
+                    Some(Incoming::Unreachable(f)) => break f,
+                    Some(_) => continue,
+                    None => panic!("transport closed"),
+                }
+            }
+        })
+        .await
+        .expect("the dead peer is reported unreachable");
+        assert_eq!(report.remote, dead);
+        transport.shutdown();
     }
 }
