@@ -129,11 +129,12 @@ impl Prober {
                     state.next_at = now;
                 }
             }
-            if let Some((id, miss_at)) = state.in_flight {
+            if let Some((_, miss_at)) = state.in_flight {
                 if miss_at > now {
                     continue;
                 }
-                self.clients.remove(&id);
+                // Missed; its transaction goes on, and a late answer still proves the PBX
+                // alive (see on_client_event).
                 state.in_flight = None;
                 miss(state, &key, self.config.failures, "no answer");
             }
@@ -152,7 +153,8 @@ impl Prober {
             }
         }
         self.states.retain(|k, _| live.contains(k));
-        self.clients.retain(|_, k| live.contains(k));
+        self.clients
+            .retain(|id, k| live.contains(k) && tx.client(*id).is_some());
         self.next_tick = self
             .states
             .values()
@@ -188,12 +190,18 @@ impl Prober {
                 let rtt = now.saturating_duration_since(state.sent_at);
                 tracing::debug!(trunk_group = key.0, contact = %key.1, rtt_ms = rtt.as_millis() as u64, "probe answered");
             }
+            // A probe already counted as missed by the prober's own timeout is not counted
+            // twice when its transaction gives up too.
+            ClientEvent::Timeout | ClientEvent::TransportError
+                if state.in_flight.is_none_or(|(current, _)| current != id) => {}
             ClientEvent::Timeout => miss(state, &key, self.config.failures, "timeout"),
             ClientEvent::TransportError => {
                 miss(state, &key, self.config.failures, "transport error")
             }
         }
-        state.in_flight = None;
+        if state.in_flight.is_some_and(|(current, _)| current == id) {
+            state.in_flight = None;
+        }
         self.clients.remove(&id);
         true
     }
