@@ -465,3 +465,152 @@ fn did_failover_is_set_shown_and_cleared() {
     assert_eq!(show(), "-\n");
     assert_eq!(listed(), "-");
 }
+
+/// `ID<TAB>SECRET` from `token create`.
+fn created_token(out: &str) -> (String, String) {
+    let f = line(out);
+    assert_eq!(f.len(), 2, "{out:?}");
+    let secret = f[1];
+    let body = secret.strip_prefix("llt_").expect("llt_ prefix");
+    assert_eq!(body.len(), 43, "{secret}");
+    assert!(
+        body.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+        "URL-safe base64: {secret}"
+    );
+    (f[0].to_owned(), secret.to_owned())
+}
+
+/// A UTC time as the admin prints it.
+fn is_utc(field: &str) -> bool {
+    field.len() == 20 && field.ends_with('Z') && field.as_bytes()[10] == b'T'
+}
+
+#[test]
+fn api_tokens_are_created_listed_and_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("state");
+    provision_failover(&data);
+
+    let (op, op_secret) = created_token(&ok(&data, &["token", "create", "--operator"]));
+    let (acme, acme_secret) = created_token(&ok(
+        &data,
+        &[
+            "token",
+            "create",
+            "--account",
+            "1",
+            "--label",
+            "Acme portal",
+        ],
+    ));
+    let (agent, agent_secret) = created_token(&ok(
+        &data,
+        &[
+            "token",
+            "create",
+            "--trunk-group",
+            "3",
+            "--label",
+            "globex pbx",
+        ],
+    ));
+    assert_eq!([op.as_str(), &acme, &agent], ["1", "2", "3"]);
+    assert!(op_secret != acme_secret && acme_secret != agent_secret);
+
+    let all = ok(&data, &["token", "list"]);
+    let lines: Vec<Vec<&str>> = all.lines().map(|l| l.split('\t').collect()).collect();
+    assert_eq!(lines.len(), 3, "{all:?}");
+    assert_eq!(lines[0][..3], ["1", "operator", "-"]);
+    assert_eq!(lines[1][..3], ["2", "account:1", "Acme portal"]);
+    assert_eq!(lines[2][..3], ["3", "trunk-group:3", "globex pbx"]);
+    for l in &lines {
+        assert_eq!(l.len(), 5, "{all:?}");
+        assert!(is_utc(l[3]), "{all:?}");
+        assert_eq!(l[4], "-", "live");
+    }
+    for secret in [&op_secret, &acme_secret, &agent_secret] {
+        assert!(
+            !all.contains(secret.as_str()),
+            "secrets are shown once only"
+        );
+    }
+    // Per account: Globex (2) has the trunk group token only.
+    assert_eq!(
+        line(&ok(&data, &["token", "list", "--account", "2"]))[0],
+        "3"
+    );
+    assert_eq!(
+        line(&ok(&data, &["token", "list", "--account", "1"]))[0],
+        "2"
+    );
+    assert_eq!(ok(&data, &["token", "list", "--account", "9"]), "");
+
+    // The secrets are nowhere in the store's files.
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        for secret in [&op_secret, &acme_secret, &agent_secret] {
+            let body = &secret.as_bytes()[4..];
+            assert!(
+                !bytes.windows(body.len()).any(|w| w == body),
+                "a token secret is in the store"
+            );
+        }
+    }
+
+    // A trunk group or account with a live token stays.
+    let err = refused(&data, &["trunk-group", "remove", "3"]);
+    assert!(
+        err.contains("trunk group 3 still has live API token(s) 3; revoke them first"),
+        "{err}"
+    );
+
+    assert_eq!(ok(&data, &["token", "revoke", "3"]), "");
+    assert_eq!(ok(&data, &["token", "revoke", "3"]), "", "idempotent");
+    let globex = line(&ok(&data, &["token", "list", "--account", "2"]))
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>();
+    assert!(is_utc(&globex[4]), "revoked: {globex:?}");
+    let err = refused(&data, &["token", "revoke", "9"]);
+    assert!(err.contains("no API token with id 9"), "{err}");
+
+    // Its revoked token goes with the trunk group.
+    assert_eq!(ok(&data, &["trunk-group", "remove", "3"]), "");
+    assert_eq!(ok(&data, &["token", "list", "--account", "2"]), "");
+    assert_eq!(ok(&data, &["token", "list"]).lines().count(), 2);
+
+    let err = refused(&data, &["token", "create", "--trunk-group", "3"]);
+    assert!(err.contains("no trunk group with id 3"), "{err}");
+    let err = refused(&data, &["token", "create", "--account", "9"]);
+    assert!(err.contains("no account with id 9"), "{err}");
+    let err = refused(
+        &data,
+        &["token", "create", "--operator", "--label", "line\nbreak"],
+    );
+    assert!(err.contains("invalid token label"), "{err}");
+    assert_eq!(ok(&data, &["token", "list"]).lines().count(), 2);
+}
+
+#[test]
+fn token_scope_options_are_usage_errors_when_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["token", "create"][..],
+        &["token", "create", "--label", "x"],
+        &["token", "create", "--operator", "--account", "1"],
+        &["token", "create", "--account", "1", "--trunk-group", "1"],
+        &["token", "revoke", "one"],
+        &["token", "list", "--account", "one"],
+    ] {
+        let out = admin(dir.path(), args);
+        assert_eq!(out.code, 2, "{args:?}: clap usage error");
+        assert!(out.stdout.is_empty());
+    }
+    let out = admin(dir.path(), &["token", "create"]);
+    assert!(
+        out.stderr.contains("--operator") && out.stderr.contains("--trunk-group"),
+        "{}",
+        out.stderr
+    );
+}

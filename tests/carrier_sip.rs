@@ -277,6 +277,15 @@ fn without_a_config_it_serves_loopback_5060() {
         .collect();
     bound.sort();
     assert_eq!(bound, ["tcp:127.0.0.1:5060", "udp:127.0.0.1:5060"]);
+    // And the provisioning API on 127.0.0.1:8080, plain HTTP (loopback only).
+    let deadline = Instant::now() + WAIT;
+    while !carrier
+        .log()
+        .contains("API listening scheme=http addr=127.0.0.1:8080")
+    {
+        assert!(Instant::now() < deadline, "{}", carrier.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(
         dir.path().join("lifeline-data").is_dir(),
         "state in ./lifeline-data"

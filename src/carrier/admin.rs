@@ -2,10 +2,11 @@
 //!
 //! Output is for scripts: one line per object, fields separated by a tab, no header, times
 //! in UTC as `YYYY-MM-DDTHH:MM:SSZ`, `-` for a setting that is not set. `add` prints only the
-//! new object's key (the id, or the normalised number for a DID); `remove`, `set-password` and
-//! `failover` with changes print nothing; `failover` without options prints the current
-//! settings. Failures go to the caller as [`AdminError`], which names what was wrong; the
-//! process should exit non-zero.
+//! new object's key (the id, or the normalised number for a DID); `token create` prints the
+//! new token's id and its secret; `remove`, `set-password`, `token revoke` and `failover` with
+//! changes print nothing; `failover` without options prints the current settings. Failures go
+//! to the caller as [`AdminError`], which names what was wrong; the process should exit
+//! non-zero.
 //!
 //! Line formats:
 //! - account: `ID  NAME  CREATED`
@@ -13,11 +14,17 @@
 //! - DID: `NUMBER  TRUNK_GROUP_ID  CREATED  FAILOVER_NUMBER`
 //! - `trunk-group failover ID`: `FAILOVER_NUMBER  FAILOVER_PBX`
 //! - `did failover NUMBER`: `FAILOVER_NUMBER`
+//! - `token create`: `ID  SECRET`
+//! - API token (`token list`): `ID  SCOPE  LABEL  CREATED  REVOKED`
 //!
 //! A failover number is E.164 with the `+`; a failover PBX is its normalised SIP URI, or
-//! `trunk-group:ID` for another trunk group. Names cannot hold tabs or line breaks and URIs no
-//! white space (the store refuses them), so lines always split cleanly. Passwords and HA1
-//! values are never printed.
+//! `trunk-group:ID` for another trunk group. A token's SCOPE is `operator`, `account:ID` or
+//! `trunk-group:ID` (the trunk group's account is the one it belongs to); LABEL is `-` when
+//! empty; REVOKED is the time it was revoked, `-` while it is live. A token SECRET is `llt_`
+//! and 43 characters of URL-safe base64, printed only by `token create`: the store keeps just
+//! its SHA-256. Names and labels cannot hold tabs or line breaks and URIs no white space (the
+//! store refuses them), so lines always split cleanly. Passwords and HA1 values are never
+//! printed.
 
 use std::io::Write;
 use std::path::Path;
@@ -26,10 +33,11 @@ use clap::Subcommand;
 
 use super::delivery_rule::FailoverPbx;
 use super::store::{
-    AccountId, Store, StoreError, TrunkGroupId, normalize_e164, normalize_failover_uri,
+    AccountId, ApiToken, Store, StoreError, TokenId, TokenScope, TrunkGroupId, normalize_e164,
+    normalize_failover_uri,
 };
 
-/// Edit the configuration store: accounts, trunk groups, DIDs.
+/// Edit the configuration store: accounts, trunk groups, DIDs, API tokens.
 #[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum AdminCommand {
     /// Customer accounts.
@@ -41,6 +49,9 @@ pub enum AdminCommand {
     /// DIDs: numbers delivered to a trunk group.
     #[command(subcommand)]
     Did(DidCommand),
+    /// API tokens for the provisioning API.
+    #[command(subcommand)]
+    Token(TokenCommand),
 }
 
 /// `admin account …`
@@ -156,6 +167,43 @@ pub enum DidCommand {
         /// Clear the DID's failover number.
         #[arg(long)]
         no_number: bool,
+    },
+}
+
+/// `admin token …`
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum TokenCommand {
+    /// Create an API token; prints ID and SECRET. The secret is shown this once: only its
+    /// SHA-256 is stored.
+    #[command(group(
+        clap::ArgGroup::new("scope")
+            .required(true)
+            .args(["operator", "account", "trunk_group"])
+    ))]
+    Create {
+        /// The operator's token: everything, and the only scope that creates accounts.
+        #[arg(long)]
+        operator: bool,
+        /// A token for one account and everything in it.
+        #[arg(long, value_name = "ID")]
+        account: Option<AccountId>,
+        /// A token for one trunk group (what an agent gets).
+        #[arg(long, value_name = "ID")]
+        trunk_group: Option<TrunkGroupId>,
+        /// What or who the token is for.
+        #[arg(long, value_name = "TEXT", default_value = "")]
+        label: String,
+    },
+    /// List API tokens, revoked ones included: ID, SCOPE, LABEL, CREATED, REVOKED.
+    List {
+        /// Only this account's tokens (scoped to it or to one of its trunk groups).
+        #[arg(long, value_name = "ID")]
+        account: Option<AccountId>,
+    },
+    /// Revoke an API token: it stops working at once. Revoking it again is not an error.
+    Revoke {
+        /// Token id.
+        id: TokenId,
     },
 }
 
@@ -310,9 +358,56 @@ pub async fn run(
                 }
             }
         },
+        AdminCommand::Token(cmd) => match cmd {
+            TokenCommand::Create {
+                operator,
+                account,
+                trunk_group,
+                label,
+            } => {
+                let scope = match (operator, account, trunk_group) {
+                    (_, Some(account), _) => TokenScope::Account(account),
+                    (_, None, Some(trunk_group)) => {
+                        let Some(group) = store.trunk_group(trunk_group).await? else {
+                            return Err(StoreError::TrunkGroupNotFound(trunk_group).into());
+                        };
+                        TokenScope::TrunkGroup {
+                            account: group.account_id,
+                            trunk_group,
+                        }
+                    }
+                    // clap requires exactly one of the three.
+                    (_, None, None) => TokenScope::Operator,
+                };
+                let (token, secret) = store.create_token(scope, &label).await?;
+                writeln!(out, "{}\t{secret}", token.id)?;
+            }
+            TokenCommand::List { account } => {
+                for t in store.list_tokens(account).await? {
+                    writeln!(out, "{}", token_line(&t))?;
+                }
+            }
+            TokenCommand::Revoke { id } => store.revoke_token(id).await?,
+        },
     }
     out.flush()?;
     Ok(())
+}
+
+/// A token as `token list` prints it: `ID  SCOPE  LABEL  CREATED  REVOKED`.
+fn token_line(t: &ApiToken) -> String {
+    let scope = match t.scope {
+        TokenScope::Operator => "operator".to_owned(),
+        TokenScope::Account(id) => format!("account:{id}"),
+        TokenScope::TrunkGroup { trunk_group, .. } => format!("trunk-group:{trunk_group}"),
+    };
+    let label = if t.label.is_empty() { "-" } else { &t.label };
+    let revoked = t.revoked_at.map_or_else(|| "-".to_owned(), utc);
+    format!(
+        "{}\t{scope}\t{label}\t{}\t{revoked}",
+        t.id,
+        utc(t.created_at)
+    )
 }
 
 /// The whole `admin` invocation for the binary: opens the store in `data_dir`, runs `cmd`,
@@ -845,5 +940,220 @@ mod tests {
         assert_eq!(err.to_string(), "no trunk group with id 9");
         let err = run_err(&store, &["account", "remove", "7"]).await;
         assert_eq!(err.to_string(), "no account with id 7");
+    }
+
+    #[test]
+    fn parses_the_token_commands() {
+        assert_eq!(
+            parse(&["token", "create", "--operator"]),
+            AdminCommand::Token(TokenCommand::Create {
+                operator: true,
+                account: None,
+                trunk_group: None,
+                label: String::new(),
+            })
+        );
+        assert_eq!(
+            parse(&[
+                "token",
+                "create",
+                "--trunk-group",
+                "4",
+                "--label",
+                "agent pbx1"
+            ]),
+            AdminCommand::Token(TokenCommand::Create {
+                operator: false,
+                account: None,
+                trunk_group: Some(4),
+                label: "agent pbx1".into(),
+            })
+        );
+        assert_eq!(
+            parse(&["token", "create", "--account", "3"]),
+            AdminCommand::Token(TokenCommand::Create {
+                operator: false,
+                account: Some(3),
+                trunk_group: None,
+                label: String::new(),
+            })
+        );
+        assert_eq!(
+            parse(&["token", "list"]),
+            AdminCommand::Token(TokenCommand::List { account: None })
+        );
+        assert_eq!(
+            parse(&["token", "list", "--account", "3"]),
+            AdminCommand::Token(TokenCommand::List { account: Some(3) })
+        );
+        assert_eq!(
+            parse(&["token", "revoke", "5"]),
+            AdminCommand::Token(TokenCommand::Revoke { id: 5 })
+        );
+        for (args, kind) in [
+            (
+                &["token", "create", "--operator", "--account", "1"][..],
+                clap::error::ErrorKind::ArgumentConflict,
+            ),
+            (
+                &["token", "create", "--account", "1", "--trunk-group", "2"],
+                clap::error::ErrorKind::ArgumentConflict,
+            ),
+            (
+                &["token", "create", "--label", "x"],
+                clap::error::ErrorKind::MissingRequiredArgument,
+            ),
+            (
+                &["token", "revoke", "x"],
+                clap::error::ErrorKind::ValueValidation,
+            ),
+        ] {
+            let mut argv = vec!["admin"];
+            argv.extend_from_slice(args);
+            assert_eq!(
+                Cli::try_parse_from(argv).unwrap_err().kind(),
+                kind,
+                "{args:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn tokens_are_created_listed_and_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let acme = store.create_account("Acme").await.unwrap();
+        let globex = store.create_account("Globex").await.unwrap();
+        let main = store
+            .create_trunk_group(globex.id, "main", "globex-main", "pw", "lifeline")
+            .await
+            .unwrap();
+
+        let created = |out: String| {
+            let f: Vec<String> = fields(out.strip_suffix('\n').unwrap())
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+            assert_eq!(f.len(), 2, "{out:?}");
+            assert!(f[1].starts_with("llt_") && f[1].len() == 47, "{out:?}");
+            (f[0].parse::<TokenId>().unwrap(), f[1].clone())
+        };
+        let (op, op_secret) = created(run_ok(&store, &["token", "create", "--operator"]).await);
+        let (acct, _) = created(
+            run_ok(
+                &store,
+                &[
+                    "token",
+                    "create",
+                    "--account",
+                    &acme.id.to_string(),
+                    "--label",
+                    "portal",
+                ],
+            )
+            .await,
+        );
+        let (agent, agent_secret) = created(
+            run_ok(
+                &store,
+                &[
+                    "token",
+                    "create",
+                    "--trunk-group",
+                    &main.id.to_string(),
+                    "--label",
+                    "pbx 1",
+                ],
+            )
+            .await,
+        );
+        assert_eq!(
+            store
+                .token_by_secret(&op_secret)
+                .await
+                .unwrap()
+                .unwrap()
+                .scope,
+            TokenScope::Operator
+        );
+        assert_eq!(
+            store
+                .token_by_secret(&agent_secret)
+                .await
+                .unwrap()
+                .unwrap()
+                .scope,
+            TokenScope::TrunkGroup {
+                account: globex.id,
+                trunk_group: main.id
+            }
+        );
+
+        let listed = run_ok(&store, &["token", "list"]).await;
+        let lines: Vec<Vec<&str>> = listed.lines().map(fields).collect();
+        assert_eq!(lines.len(), 3, "{listed:?}");
+        assert_eq!(lines[0][..3], [&*op.to_string(), "operator", "-"]);
+        assert_eq!(
+            lines[1][..3],
+            [
+                &*acct.to_string(),
+                &*format!("account:{}", acme.id),
+                "portal"
+            ]
+        );
+        assert_eq!(
+            lines[2][..3],
+            [
+                &*agent.to_string(),
+                &*format!("trunk-group:{}", main.id),
+                "pbx 1"
+            ]
+        );
+        for l in &lines {
+            assert_eq!(l.len(), 5);
+            assert!(l[3].ends_with('Z') && l[3].len() == 20, "{l:?}");
+            assert_eq!(l[4], "-");
+        }
+        assert!(!listed.contains("llt_"), "secrets are never listed");
+        let theirs = run_ok(
+            &store,
+            &["token", "list", "--account", &globex.id.to_string()],
+        )
+        .await;
+        assert_eq!(fields(theirs.trim_end())[0], agent.to_string());
+
+        assert_eq!(
+            run_ok(&store, &["token", "revoke", &agent.to_string()]).await,
+            ""
+        );
+        assert_eq!(
+            run_ok(&store, &["token", "revoke", &agent.to_string()]).await,
+            ""
+        );
+        assert_eq!(store.token_by_secret(&agent_secret).await.unwrap(), None);
+        let theirs = run_ok(
+            &store,
+            &["token", "list", "--account", &globex.id.to_string()],
+        )
+        .await;
+        let f = fields(theirs.trim_end());
+        assert!(f[4].ends_with('Z') && f[4].len() == 20, "{theirs:?}");
+
+        let err = run_err(&store, &["token", "revoke", "99"]).await;
+        assert_eq!(err.to_string(), "no API token with id 99");
+        let err = run_err(&store, &["token", "create", "--trunk-group", "99"]).await;
+        assert_eq!(err.to_string(), "no trunk group with id 99");
+        let err = run_err(&store, &["token", "create", "--account", "99"]).await;
+        assert_eq!(err.to_string(), "no account with id 99");
+        let err = run_err(
+            &store,
+            &["token", "create", "--operator", "--label", "a\tb"],
+        )
+        .await;
+        assert!(
+            matches!(err, AdminError::Store(StoreError::InvalidName { .. })),
+            "{err:?}"
+        );
+        assert_eq!(store.list_tokens(None).await.unwrap().len(), 3);
     }
 }

@@ -125,6 +125,17 @@ pub struct CarrierConfig {
     pub probe_timeout_ms: u64,
     /// Misses in a row before a contact is skipped for calls (until it answers again).
     pub probe_failures: u32,
+    /// Where the provisioning API listens (`ADDR:PORT`); empty: no API. Plain HTTP only on a
+    /// loopback address; anywhere else it needs `api_tls_certificate` and `api_tls_private_key`.
+    pub api_listen: String,
+    /// PEM certificate chain for the API's HTTPS.
+    pub api_tls_certificate: Option<PathBuf>,
+    /// PEM private key for the API's HTTPS.
+    pub api_tls_private_key: Option<PathBuf>,
+    /// E.164 prefixes (`"+1"`, `"+4420"`) failover numbers set through the API must start
+    /// with: a stolen token must not forward DIDs to premium numbers. Empty: the API accepts
+    /// no failover number at all.
+    pub failover_number_prefixes: Vec<String>,
     /// Call records (`lifeline-carrier calls`) older than this many days are deleted.
     pub call_record_days: u32,
     /// DNS servers (`"IP"` or `"IP:PORT"`) for RFC 3263 lookups of failover PBXs given by
@@ -184,6 +195,10 @@ impl Default for CarrierConfig {
             probe_timeout_ms: 2000,
             probe_failures: 2,
             call_record_days: 30,
+            api_listen: "127.0.0.1:8080".into(),
+            api_tls_certificate: None,
+            api_tls_private_key: None,
+            failover_number_prefixes: Vec::new(),
             dns_servers: Vec::new(),
         }
     }
@@ -199,6 +214,16 @@ pub struct Settings {
     pub registrar: RegistrarConfig,
     pub proxy: ProxyConfig,
     pub probe: ProbeConfig,
+    /// The provisioning API, if it is on.
+    pub api: Option<ApiListen>,
+}
+
+/// Where and how the API listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiListen {
+    pub addr: std::net::SocketAddr,
+    /// Certificate chain and private key (PEM) for HTTPS; `None`: plain HTTP on loopback.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl CarrierConfig {
@@ -429,6 +454,45 @@ impl CarrierConfig {
                 return Err(invalid(key, "must be greater than 0".into()));
             }
         }
+        let api = if self.api_listen.is_empty() {
+            None
+        } else {
+            let addr: std::net::SocketAddr = self.api_listen.parse().map_err(|_| {
+                invalid(
+                    "api_listen",
+                    format!("`{}` is not ADDR:PORT", self.api_listen),
+                )
+            })?;
+            let tls = match (&self.api_tls_certificate, &self.api_tls_private_key) {
+                (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+                (None, None) => None,
+                _ => {
+                    return Err(invalid(
+                        "api_tls_certificate",
+                        "HTTPS needs both api_tls_certificate and api_tls_private_key".into(),
+                    ));
+                }
+            };
+            if tls.is_none() && !addr.ip().is_loopback() {
+                return Err(invalid(
+                    "api_listen",
+                    format!(
+                        "`{addr}` is not a loopback address: plain HTTP is only served on \
+                         loopback; set api_tls_certificate and api_tls_private_key"
+                    ),
+                ));
+            }
+            Some(ApiListen { addr, tls })
+        };
+        for p in &self.failover_number_prefixes {
+            let digits = p.strip_prefix('+').unwrap_or("");
+            if digits.is_empty() && p != "+" || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(invalid(
+                    "failover_number_prefixes",
+                    format!("`{p}`: a prefix is `+` followed by digits, e.g. \"+44\""),
+                ));
+            }
+        }
         let probe = ProbeConfig {
             interval: (self.probe_interval_ms > 0)
                 .then(|| Duration::from_millis(self.probe_interval_ms)),
@@ -447,6 +511,7 @@ impl CarrierConfig {
             registrar,
             proxy,
             probe,
+            api,
         })
     }
 }

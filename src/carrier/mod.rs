@@ -3,6 +3,7 @@
 //! the command line behind `lifeline-carrier`.
 
 pub mod admin;
+pub mod api;
 pub mod bindings;
 pub mod call_log;
 pub mod call_record;

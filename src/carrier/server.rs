@@ -48,6 +48,9 @@ pub const SERVER: &str = concat!("Lifeline/", env!("CARGO_PKG_VERSION"));
 /// A running carrier; dropping it does not stop it, [`RunningCarrier::stop`] does.
 pub struct RunningCarrier {
     bound: Vec<ListenSpec>,
+    /// Where the API listens, if it is on.
+    api: Option<std::net::SocketAddr>,
+    api_task: Option<JoinHandle<()>>,
     transport: SipTransport,
     stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
@@ -59,11 +62,19 @@ impl RunningCarrier {
         &self.bound
     }
 
+    /// Where the API listens (with its real port), if it is on.
+    pub fn api_addr(&self) -> Option<std::net::SocketAddr> {
+        self.api
+    }
+
     /// Stops receiving and waits for the service task to end.
     /// Stops receiving, ends the service (writing pending bindings) and closes every
     /// connection; the listen addresses are free again once this returns and the last send in
     /// flight has finished.
     pub async fn stop(self) {
+        if let Some(api) = &self.api_task {
+            api.abort();
+        }
         self.transport.shutdown();
         let _ = self.stop.send(());
         let _ = self.task.await;
@@ -113,6 +124,7 @@ pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
             source,
         })?;
     let store = Store::open(dir).await?;
+    let store_for_api = store.clone();
     let customers =
         watch_customers(store, Duration::from_millis(settings.raw.config_poll_ms)).await?;
     let (bindings, loaded) = BindingStore::open(
@@ -135,6 +147,14 @@ pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
             .map_err(StartError::Bind)?;
     let bound = transport.bound().to_vec();
     log_bound(&bound);
+    let (api, api_task) = match start_api(&settings, store_for_api).await {
+        Ok(Some((addr, task))) => (Some(addr), Some(task)),
+        Ok(None) => (None, None),
+        Err(e) => {
+            transport.shutdown();
+            return Err(e);
+        }
+    };
     info!(name = %settings.raw.name, data_dir = %dir.display(), "carrier started");
     let shutdown_handle = transport.clone();
     let service = Service {
@@ -152,10 +172,60 @@ pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
     let task = tokio::spawn(service.run(incoming, stopped));
     Ok(RunningCarrier {
         bound,
+        api,
+        api_task,
         transport: shutdown_handle,
         stop,
         task,
     })
+}
+
+/// Binds and starts the provisioning API when the configuration has one.
+async fn start_api(
+    settings: &Settings,
+    store: Store,
+) -> Result<Option<(std::net::SocketAddr, JoinHandle<()>)>, StartError> {
+    let Some(api) = &settings.api else {
+        return Ok(None);
+    };
+    let state = super::api::ApiState {
+        store,
+        realm: settings.raw.realm.clone(),
+        failover_prefixes: Arc::new(settings.raw.failover_number_prefixes.clone()),
+    };
+    let bind_error = |e: io::Error| {
+        StartError::Bind(io::Error::new(
+            e.kind(),
+            format!("api_listen {}: {e}", api.addr),
+        ))
+    };
+    match &api.tls {
+        None => {
+            let listener = tokio::net::TcpListener::bind(api.addr)
+                .await
+                .map_err(bind_error)?;
+            let addr = listener.local_addr().map_err(bind_error)?;
+            super::api::log_listening(addr, false);
+            Ok(Some((
+                addr,
+                tokio::spawn(super::api::serve_plain(listener, state)),
+            )))
+        }
+        Some((cert, key)) => {
+            let tls =
+                tls_server_config(cert, key).map_err(|e| StartError::Tls(format!("api_{e}")))?;
+            let mut tls = Arc::unwrap_or_clone(tls);
+            tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            let listener = std::net::TcpListener::bind(api.addr).map_err(bind_error)?;
+            listener.set_nonblocking(true).map_err(bind_error)?;
+            let addr = listener.local_addr().map_err(bind_error)?;
+            super::api::log_listening(addr, true);
+            Ok(Some((
+                addr,
+                tokio::spawn(super::api::serve_tls(listener, Arc::new(tls), state)),
+            )))
+        }
+    }
 }
 
 struct Service {

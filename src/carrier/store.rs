@@ -1,4 +1,5 @@
-//! The embedded store: the carrier's configuration (accounts, trunk groups, DIDs) in SQLite.
+//! The embedded store: the carrier's configuration (accounts, trunk groups, DIDs) in SQLite,
+//! and beside it the provisioning API's tokens and audit trail.
 //!
 //! The file is `<data_dir>/store.sqlite3`, created with its schema on first open (the
 //! migrations in `migrations/sqlite/` are compiled into the binary). It runs in WAL mode with a
@@ -14,14 +15,24 @@
 //! - failover numbers (a DID's own, a trunk group's global one) are E.164 with the `+`; a
 //!   failover PBX is either a `sip:`/`sips:` URI with a host and no password, kept in its
 //!   normalised text form, or another trunk group of the same account, never both;
+//! - a DID never fails over to its own number; a trunk group's whole failover plan (global
+//!   number, PBX, every DID's number) can be written in one transaction
+//!   ([`Store::set_failover_plan`]);
 //! - removal is refused, never cascaded: an account is removed only without trunk groups, a
 //!   trunk group only without DIDs and while no other trunk group uses it as its failover PBX.
-//!   Deleting routing by accident is worse than one more step.
+//!   Deleting routing by accident is worse than one more step. Neither is removed while it
+//!   has live API tokens (they are named); revoked ones go with it;
+//! - API tokens are kept as the SHA-256 of their secret only, which is shown once; a token is
+//!   scoped to the operator, an account, or a trunk group and its own account;
+//! - tokens and the audit trail are not configuration: changing them does not move
+//!   [`Store::config_version`]. The audit trail is append-only and outlives what it describes.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytestring::ByteString;
+use sha2::{Digest, Sha256};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
@@ -53,6 +64,9 @@ pub type AccountId = i64;
 
 /// A trunk group's id.
 pub type TrunkGroupId = i64;
+
+/// An API token's id.
+pub type TokenId = i64;
 
 /// Why the store refused or failed an operation.
 #[derive(Debug, thiserror::Error)]
@@ -159,10 +173,57 @@ pub enum StoreError {
         pbx: TrunkGroupId,
         pbx_account: AccountId,
     },
+    /// A DID's failover number is the DID itself (normalised, with `+`): the call would come
+    /// straight back.
+    #[error("DID {0} cannot fail over to its own number")]
+    FailoverNumberIsDid(String),
+    /// A failover plan lists the same DID (normalised, with `+`) twice, with two different
+    /// failover numbers (e.g. once with and once without the `+`).
+    #[error("DID {0} is listed twice in the failover plan, with different failover numbers")]
+    DidListedTwice(String),
+    /// No API token has this id.
+    #[error("no API token with id {0}")]
+    TokenNotFound(TokenId),
+    /// A trunk group token's scope names an account that is not the trunk group's.
+    #[error(
+        "trunk group {trunk_group} belongs to account {group_account}, not to account \
+         {account}: a trunk group token is scoped to the group's own account"
+    )]
+    TokenScopeMismatch {
+        trunk_group: TrunkGroupId,
+        /// The account the scope named.
+        account: AccountId,
+        /// The trunk group's account.
+        group_account: AccountId,
+    },
+    /// The account still has live (not revoked) API tokens, by id; they must be revoked first.
+    /// (Its revoked tokens do not stand in the way: they are removed with the account.)
+    #[error(
+        "account {id} still has live API token(s) {}; revoke them first",
+        join_ids(tokens)
+    )]
+    AccountHasTokens { id: AccountId, tokens: Vec<TokenId> },
+    /// The trunk group still has live (not revoked) API tokens, by id; they must be revoked
+    /// first. (Its revoked tokens do not stand in the way: they are removed with the group.)
+    #[error(
+        "trunk group {id} still has live API token(s) {}; revoke them first",
+        join_ids(tokens)
+    )]
+    TrunkGroupHasTokens {
+        id: TrunkGroupId,
+        tokens: Vec<TokenId>,
+    },
+    /// An audit entry is malformed: an empty action or object, or before/after text that is
+    /// not JSON. `field` is `"action"`, `"object"`, `"before"` or `"after"`.
+    #[error("invalid audit entry: {field} {reason}")]
+    InvalidAuditEntry {
+        field: &'static str,
+        reason: &'static str,
+    },
 }
 
 /// `1, 2, 3`
-fn join_ids(ids: &[TrunkGroupId]) -> String {
+fn join_ids(ids: &[i64]) -> String {
     ids.iter()
         .map(i64::to_string)
         .collect::<Vec<_>>()
@@ -298,6 +359,189 @@ pub struct Did {
     /// The DID's own failover number, E.164 with the `+`; when unset, its trunk group's global
     /// one applies.
     pub failover_number: Option<String>,
+}
+
+/// A trunk group's whole failover plan: what `PUT /v1/trunk-groups/{id}/failover` writes
+/// and the agent syncs (see [`Store::set_failover_plan`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FailoverSettings {
+    /// The global failover number, E.164: used for DIDs without their own.
+    pub global_number: Option<String>,
+    /// The failover PBX: a SIP URI, or another trunk group of the same account.
+    pub pbx: Option<FailoverPbx>,
+    /// DID (E.164 with `+`) -> its own failover number; a DID of the group that is not listed
+    /// has none. A `BTreeMap` for a stable order.
+    pub dids: BTreeMap<String, String>,
+}
+
+/// What an API token may see and change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenScope {
+    /// The carrier's operator: everything, and the only scope that creates accounts.
+    Operator,
+    /// One account and everything in it.
+    Account(AccountId),
+    /// One trunk group (what an agent gets); `account` is the group's account.
+    TrunkGroup {
+        account: AccountId,
+        trunk_group: TrunkGroupId,
+    },
+}
+
+/// An API token, without its secret (the store keeps only a SHA-256 of it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiToken {
+    pub id: TokenId,
+    pub scope: TokenScope,
+    /// Free text for people (may be empty): what or who the token is for.
+    pub label: String,
+    /// Unix seconds, UTC.
+    pub created_at: i64,
+    /// Unix seconds, UTC; a revoked token no longer authenticates.
+    pub revoked_at: Option<i64>,
+}
+
+/// The scope is two nullable columns: neither (operator), the account, or both.
+impl<'r> sqlx::FromRow<'r, SqliteRow> for ApiToken {
+    fn from_row(row: &'r SqliteRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        let account: Option<AccountId> = row.try_get("account_id")?;
+        let group: Option<TrunkGroupId> = row.try_get("trunk_group_id")?;
+        let scope = match (account, group) {
+            (None, None) => TokenScope::Operator,
+            (Some(account), None) => TokenScope::Account(account),
+            (Some(account), Some(trunk_group)) => TokenScope::TrunkGroup {
+                account,
+                trunk_group,
+            },
+            // The schema's CHECK forbids it; never widen it to an operator token.
+            (None, Some(_)) => {
+                return Err(sqlx::Error::ColumnDecode {
+                    index: "trunk_group_id".into(),
+                    source: "a trunk group token without its account".into(),
+                });
+            }
+        };
+        Ok(ApiToken {
+            id: row.try_get("id")?,
+            scope,
+            label: row.try_get("label")?,
+            created_at: row.try_get("created_at")?,
+            revoked_at: row.try_get("revoked_at")?,
+        })
+    }
+}
+
+/// An entry to append to the audit trail ([`Store::record_audit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewAuditEntry<'a> {
+    /// The account whose settings changed.
+    pub account: AccountId,
+    /// The token that made the change; `None` for the admin command line.
+    pub token: Option<TokenId>,
+    /// What was done, e.g. `"trunk_group.update"`, `"failover.put"`; not empty.
+    pub action: &'a str,
+    /// What it was done to, e.g. `"trunk_group:3"`, `"did:+15551234567"`; not empty.
+    pub object: &'a str,
+    /// The object before, as JSON text; `None` when it was created.
+    pub before: Option<&'a str>,
+    /// The object after, as JSON text; `None` when it was removed.
+    pub after: Option<&'a str>,
+}
+
+/// An entry of the audit trail, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub account: AccountId,
+    /// `None`: the admin command line.
+    pub token: Option<TokenId>,
+    /// When the entry was written: Unix milliseconds, UTC.
+    pub at_ms: i64,
+    pub action: String,
+    pub object: String,
+    /// JSON text.
+    pub before: Option<String>,
+    /// JSON text.
+    pub after: Option<String>,
+}
+
+impl<'r> sqlx::FromRow<'r, SqliteRow> for AuditEntry {
+    fn from_row(row: &'r SqliteRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        Ok(AuditEntry {
+            id: row.try_get("id")?,
+            account: row.try_get("account_id")?,
+            token: row.try_get("token_id")?,
+            at_ms: row.try_get("at_ms")?,
+            action: row.try_get("action")?,
+            object: row.try_get("object")?,
+            before: row.try_get("before_json")?,
+            after: row.try_get("after_json")?,
+        })
+    }
+}
+
+/// The prefix of every API token secret: recognisable in logs, config files and secret
+/// scanners.
+pub const TOKEN_PREFIX: &str = "llt_";
+
+/// A new token secret: [`TOKEN_PREFIX`] and 32 bytes from the thread's CSPRNG (ChaCha, seeded
+/// by the operating system) in URL-safe base64 without padding: 47 characters in all.
+fn new_token_secret() -> String {
+    let bytes: [u8; 32] = rand::random();
+    format!("{TOKEN_PREFIX}{}", base64url(&bytes))
+}
+
+/// RFC 4648 §5 base64 (alphabet `A-Z a-z 0-9 - _`) without padding.
+fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let byte = |i: usize| u32::from(chunk.get(i).copied().unwrap_or(0));
+        let n = (byte(0) << 16) | (byte(1) << 8) | byte(2);
+        for i in 0..=chunk.len() {
+            out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+        }
+    }
+    out
+}
+
+/// What the store keeps of a token secret: its SHA-256, lowercase hex.
+fn token_hash(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// Checks a token label and returns it without surrounding spaces; it may be empty.
+fn check_label(input: &str) -> Result<String, StoreError> {
+    let refuse = |reason| StoreError::InvalidName {
+        field: "token label",
+        input: input.to_owned(),
+        reason,
+    };
+    let label = input.trim();
+    if label.chars().count() > MAX_NAME_CHARS {
+        return Err(refuse("longer than 200 characters"));
+    }
+    if label.chars().any(char::is_control) {
+        return Err(refuse(
+            "control characters (tabs, line breaks) are not allowed",
+        ));
+    }
+    Ok(label.to_owned())
+}
+
+/// Checks an audit entry's before/after text: JSON, or absent.
+fn check_audit_json(field: &'static str, text: Option<&str>) -> Result<(), StoreError> {
+    match text {
+        Some(t) if serde_json::from_str::<serde::de::IgnoredAny>(t).is_err() => {
+            Err(StoreError::InvalidAuditEntry {
+                field,
+                reason: "is not JSON",
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Checks an E.164 number and returns it with the leading `+`.
@@ -487,6 +731,13 @@ fn now() -> i64 {
         .unwrap_or(0)
 }
 
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
 /// What a failed statement says about a constraint.
 enum Constraint {
     Unique(String),
@@ -560,6 +811,17 @@ macro_rules! select_dids {
     ($rest:literal) => {
         concat!(
             "SELECT number, trunk_group_id, created_at, failover_number FROM dids ",
+            $rest
+        )
+    };
+}
+
+/// `SELECT <every API token column> FROM api_tokens <rest>`.
+macro_rules! select_tokens {
+    ($rest:literal) => {
+        concat!(
+            "SELECT id, account_id, trunk_group_id, label, created_at, revoked_at ",
+            "FROM api_tokens ",
             $rest
         )
     };
@@ -691,25 +953,50 @@ impl Store {
         Ok(accounts)
     }
 
-    /// Removes an account; refused while it has trunk groups.
+    /// Removes an account; refused while it has trunk groups or live API tokens. Its revoked
+    /// tokens are removed with it.
     pub async fn remove_account(&self, id: AccountId) -> Result<(), StoreError> {
-        match sqlx::query("DELETE FROM accounts WHERE id = ?")
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query("DELETE FROM api_tokens WHERE account_id = ? AND revoked_at IS NOT NULL")
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
+            .await?;
+        let refusal = match sqlx::query("DELETE FROM accounts WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
             .await
         {
-            Ok(done) if done.rows_affected() == 0 => Err(StoreError::AccountNotFound(id)),
-            Ok(_) => Ok(()),
+            Ok(done) if done.rows_affected() == 0 => StoreError::AccountNotFound(id),
+            Ok(_) => {
+                tx.commit().await?;
+                return Ok(());
+            }
             Err(e) if is_foreign_key(&e) => {
-                let count =
+                // Looked up in the same transaction: what is in the way right now.
+                let count: i64 =
                     sqlx::query_scalar("SELECT count(*) FROM trunk_groups WHERE account_id = ?")
                         .bind(id)
-                        .fetch_one(&self.pool)
+                        .fetch_one(&mut *tx)
                         .await?;
-                Err(StoreError::AccountHasTrunkGroups { id, count })
+                let tokens: Vec<TokenId> = sqlx::query_scalar(
+                    "SELECT id FROM api_tokens WHERE account_id = ? AND revoked_at IS NULL \
+                     ORDER BY id",
+                )
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await?;
+                if count > 0 {
+                    StoreError::AccountHasTrunkGroups { id, count }
+                } else if !tokens.is_empty() {
+                    StoreError::AccountHasTokens { id, tokens }
+                } else {
+                    StoreError::Database(e)
+                }
             }
-            Err(e) => Err(e.into()),
-        }
+            Err(e) => StoreError::Database(e),
+        };
+        tx.rollback().await?;
+        Err(refusal)
     }
 
     // ---- trunk groups ----
@@ -839,39 +1126,62 @@ impl Store {
         Ok(())
     }
 
-    /// Removes a trunk group; refused while it has DIDs or is another trunk group's failover
-    /// PBX.
+    /// Removes a trunk group; refused while it has DIDs, is another trunk group's failover
+    /// PBX or has live API tokens (named in that order when several are in the way). Its
+    /// revoked tokens are removed with it.
     pub async fn remove_trunk_group(&self, id: TrunkGroupId) -> Result<(), StoreError> {
-        match sqlx::query("DELETE FROM trunk_groups WHERE id = ?")
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query(
+            "DELETE FROM api_tokens WHERE revoked_at IS NOT NULL AND trunk_group_id = ?1 \
+             AND account_id = (SELECT account_id FROM trunk_groups WHERE id = ?1)",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        let refusal = match sqlx::query("DELETE FROM trunk_groups WHERE id = ?")
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
         {
-            Ok(done) if done.rows_affected() == 0 => Err(StoreError::TrunkGroupNotFound(id)),
-            Ok(_) => Ok(()),
+            Ok(done) if done.rows_affected() == 0 => StoreError::TrunkGroupNotFound(id),
+            Ok(_) => {
+                tx.commit().await?;
+                return Ok(());
+            }
             Err(e) if is_foreign_key(&e) => {
+                // Looked up in the same transaction: what is in the way right now.
                 let count: i64 =
                     sqlx::query_scalar("SELECT count(*) FROM dids WHERE trunk_group_id = ?")
                         .bind(id)
-                        .fetch_one(&self.pool)
+                        .fetch_one(&mut *tx)
                         .await?;
-                if count > 0 {
-                    return Err(StoreError::TrunkGroupHasDids { id, count });
-                }
                 let used_by: Vec<TrunkGroupId> = sqlx::query_scalar(
                     "SELECT id FROM trunk_groups WHERE failover_pbx_trunk_group = ? ORDER BY id",
                 )
                 .bind(id)
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *tx)
                 .await?;
-                if used_by.is_empty() {
-                    // Whatever was in the way is gone by now: say what SQLite said.
-                    return Err(e.into());
+                let tokens: Vec<TokenId> = sqlx::query_scalar(
+                    "SELECT id FROM api_tokens WHERE trunk_group_id = ? AND revoked_at IS NULL \
+                     ORDER BY id",
+                )
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await?;
+                if count > 0 {
+                    StoreError::TrunkGroupHasDids { id, count }
+                } else if !used_by.is_empty() {
+                    StoreError::TrunkGroupIsFailoverPbx { id, used_by }
+                } else if !tokens.is_empty() {
+                    StoreError::TrunkGroupHasTokens { id, tokens }
+                } else {
+                    StoreError::Database(e)
                 }
-                Err(StoreError::TrunkGroupIsFailoverPbx { id, used_by })
             }
-            Err(e) => Err(e.into()),
-        }
+            Err(e) => StoreError::Database(e),
+        };
+        tx.rollback().await?;
+        Err(refusal)
     }
 
     /// Sets (`Some`, with or without the `+`) or clears (`None`) a trunk group's global
@@ -1011,7 +1321,7 @@ impl Store {
     }
 
     /// Sets (`Some`) or clears (`None`) a DID's own failover number; both numbers may be given
-    /// with or without the `+`. Returns the failover number as stored.
+    /// with or without the `+`, and must differ. Returns the failover number as stored.
     pub async fn set_did_failover_number(
         &self,
         number: &str,
@@ -1019,6 +1329,9 @@ impl Store {
     ) -> Result<Option<String>, StoreError> {
         let number = normalize_e164(number)?;
         let failover_number = failover_number.map(normalize_e164).transpose()?;
+        if failover_number.as_ref() == Some(&number) {
+            return Err(StoreError::FailoverNumberIsDid(number));
+        }
         let done = sqlx::query("UPDATE dids SET failover_number = ? WHERE number = ?")
             .bind(&failover_number)
             .bind(&number)
@@ -1041,6 +1354,366 @@ impl Store {
             return Err(StoreError::DidNotFound(number));
         }
         Ok(())
+    }
+
+    // ---- failover plans ----
+
+    /// Writes a trunk group's whole failover plan in one transaction: its global failover
+    /// number, its failover PBX and the own failover numbers of all its DIDs (a DID of the
+    /// group that `plan.dids` does not list gets none). Numbers may be given with or without
+    /// the `+`.
+    ///
+    /// Refused, changing nothing, when a number is not E.164 ([`StoreError::InvalidNumber`]);
+    /// a DID is listed twice with two numbers ([`StoreError::DidListedTwice`]) or fails over
+    /// to itself ([`StoreError::FailoverNumberIsDid`]); the PBX URI is invalid, or the PBX
+    /// trunk group is the group itself, unknown or of another account (as
+    /// [`Store::set_trunk_group_failover_pbx`]); the trunk group is unknown; or a DID listed
+    /// is not one of the group's ([`StoreError::DidNotFound`], also for a DID of another
+    /// group: whose it is is not told). Rows whose settings do not change are not written, so
+    /// writing the same plan again does not move [`Store::config_version`].
+    ///
+    /// Returns the plan as stored: normalised, listing only the DIDs with a number.
+    pub async fn set_failover_plan(
+        &self,
+        trunk_group: TrunkGroupId,
+        plan: &FailoverSettings,
+    ) -> Result<FailoverSettings, StoreError> {
+        let id = trunk_group;
+        // Everything that needs no look-up first.
+        let global_number = plan
+            .global_number
+            .as_deref()
+            .map(normalize_e164)
+            .transpose()?;
+        let pbx = match plan.pbx.as_ref() {
+            None => None,
+            Some(FailoverPbx::Uri(uri)) => Some(FailoverPbx::Uri(normalize_failover_uri(uri)?)),
+            Some(&FailoverPbx::TrunkGroup(pbx)) => {
+                if pbx == id {
+                    return Err(StoreError::FailoverPbxIsItself(id));
+                }
+                Some(FailoverPbx::TrunkGroup(pbx))
+            }
+        };
+        let mut dids = BTreeMap::new();
+        for (did, number) in &plan.dids {
+            let did = normalize_e164(did)?;
+            let number = normalize_e164(number)?;
+            if number == did {
+                return Err(StoreError::FailoverNumberIsDid(did));
+            }
+            match dids.entry(did) {
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(number);
+                }
+                std::collections::btree_map::Entry::Occupied(o) => {
+                    if *o.get() != number {
+                        return Err(StoreError::DidListedTwice(o.key().clone()));
+                    }
+                }
+            }
+        }
+
+        // The write lock from the start: the look-ups below stay true until the commit.
+        // Any early return drops the transaction, which rolls it back.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let Some(owner) = sqlx::query_as::<_, TrunkGroup>(select_trunk_groups!("WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
+            return Err(StoreError::TrunkGroupNotFound(id));
+        };
+        if let Some(FailoverPbx::TrunkGroup(pbx)) = pbx {
+            let target: Option<AccountId> =
+                sqlx::query_scalar("SELECT account_id FROM trunk_groups WHERE id = ?")
+                    .bind(pbx)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            match target {
+                None => return Err(StoreError::FailoverPbxNotFound(pbx)),
+                Some(pbx_account) if pbx_account != owner.account_id => {
+                    return Err(StoreError::FailoverPbxOtherAccount {
+                        id,
+                        account: owner.account_id,
+                        pbx,
+                        pbx_account,
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        let current: Vec<(String, Option<String>)> = sqlx::query_as(
+            "SELECT number, failover_number FROM dids WHERE trunk_group_id = ? ORDER BY number",
+        )
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?;
+        if let Some(stranger) = dids
+            .keys()
+            .find(|did| !current.iter().any(|(number, _)| number == *did))
+        {
+            return Err(StoreError::DidNotFound(stranger.clone()));
+        }
+
+        if owner.failover_number != global_number || owner.failover_pbx != pbx {
+            let (uri, group) = match &pbx {
+                None => (None, None),
+                Some(FailoverPbx::Uri(uri)) => (Some(uri.as_str()), None),
+                Some(FailoverPbx::TrunkGroup(group)) => (None, Some(*group)),
+            };
+            sqlx::query(
+                "UPDATE trunk_groups SET failover_number = ?, failover_pbx_uri = ?, \
+                 failover_pbx_trunk_group = ? WHERE id = ?",
+            )
+            .bind(&global_number)
+            .bind(uri)
+            .bind(group)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| match group {
+                Some(pbx) if is_foreign_key(&e) => StoreError::FailoverPbxNotFound(pbx),
+                _ => StoreError::Database(e),
+            })?;
+        }
+        for (number, old) in &current {
+            let new = dids.get(number);
+            if old.as_ref() != new {
+                sqlx::query("UPDATE dids SET failover_number = ? WHERE number = ?")
+                    .bind(new)
+                    .bind(number)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(FailoverSettings {
+            global_number,
+            pbx,
+            dids,
+        })
+    }
+
+    /// A trunk group's whole failover plan, read in one transaction (the DIDs listed are those
+    /// with their own failover number).
+    pub async fn failover_plan(
+        &self,
+        trunk_group: TrunkGroupId,
+    ) -> Result<FailoverSettings, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let Some(group) = sqlx::query_as::<_, TrunkGroup>(select_trunk_groups!("WHERE id = ?"))
+            .bind(trunk_group)
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
+            return Err(StoreError::TrunkGroupNotFound(trunk_group));
+        };
+        let dids: Vec<(String, String)> = sqlx::query_as(
+            "SELECT number, failover_number FROM dids \
+             WHERE trunk_group_id = ? AND failover_number IS NOT NULL ORDER BY number",
+        )
+        .bind(trunk_group)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(FailoverSettings {
+            global_number: group.failover_number,
+            pbx: group.failover_pbx,
+            dids: dids.into_iter().collect(),
+        })
+    }
+
+    // ---- API tokens ----
+
+    /// Creates an API token. Returns it and its secret, which is shown this once: the store
+    /// keeps only its SHA-256. The secret is `llt_` and 43 characters of URL-safe base64
+    /// (no padding) of 32 random bytes. The label is trimmed and may be empty.
+    ///
+    /// Refused for an unknown account ([`StoreError::AccountNotFound`]) or trunk group
+    /// ([`StoreError::TrunkGroupNotFound`]), and for a trunk group scope whose account is not
+    /// the group's ([`StoreError::TokenScopeMismatch`]).
+    pub async fn create_token(
+        &self,
+        scope: TokenScope,
+        label: &str,
+    ) -> Result<(ApiToken, String), StoreError> {
+        let label = check_label(label)?;
+        let (account, group) = match scope {
+            TokenScope::Operator => (None, None),
+            TokenScope::Account(account) => {
+                if self.account(account).await?.is_none() {
+                    return Err(StoreError::AccountNotFound(account));
+                }
+                (Some(account), None)
+            }
+            TokenScope::TrunkGroup {
+                account,
+                trunk_group,
+            } => {
+                let Some(group) = self.trunk_group(trunk_group).await? else {
+                    return Err(StoreError::TrunkGroupNotFound(trunk_group));
+                };
+                if group.account_id != account {
+                    return Err(StoreError::TokenScopeMismatch {
+                        trunk_group,
+                        account,
+                        group_account: group.account_id,
+                    });
+                }
+                (Some(account), Some(trunk_group))
+            }
+        };
+        let secret = new_token_secret();
+        let created_at = now();
+        let id: TokenId = sqlx::query_scalar(
+            "INSERT INTO api_tokens \
+             (secret_sha256, account_id, trunk_group_id, label, created_at) \
+             VALUES (?, ?, ?, ?, ?) RETURNING id",
+        )
+        .bind(token_hash(&secret))
+        .bind(account)
+        .bind(group)
+        .bind(&label)
+        .bind(created_at)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| match (scope, is_foreign_key(&e)) {
+            // Removed since it was looked up.
+            (TokenScope::Account(account), true) => StoreError::AccountNotFound(account),
+            (TokenScope::TrunkGroup { trunk_group, .. }, true) => {
+                StoreError::TrunkGroupNotFound(trunk_group)
+            }
+            _ => StoreError::Database(e),
+        })?;
+        let token = ApiToken {
+            id,
+            scope,
+            label,
+            created_at,
+            revoked_at: None,
+        };
+        Ok((token, secret))
+    }
+
+    /// The live (not revoked) token with this secret, if any.
+    ///
+    /// The secret is looked up by its SHA-256 (a unique index): what the look-up's timing can
+    /// tell is about the hash of the guess, which says nothing about any stored secret. The
+    /// hash found is compared again in constant time, as a last line of defence.
+    pub async fn token_by_secret(&self, secret: &str) -> Result<Option<ApiToken>, StoreError> {
+        use sqlx::{FromRow, Row};
+        use subtle::ConstantTimeEq;
+        let hash = token_hash(secret);
+        let row = sqlx::query(concat!(
+            "SELECT id, account_id, trunk_group_id, label, created_at, revoked_at, secret_sha256 ",
+            "FROM api_tokens WHERE secret_sha256 = ? AND revoked_at IS NULL"
+        ))
+        .bind(&hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let stored: String = row.try_get("secret_sha256")?;
+        if !bool::from(stored.as_bytes().ct_eq(hash.as_bytes())) {
+            return Ok(None);
+        }
+        Ok(Some(ApiToken::from_row(&row)?))
+    }
+
+    /// The token with this id, revoked or not.
+    pub async fn token(&self, id: TokenId) -> Result<Option<ApiToken>, StoreError> {
+        let token = sqlx::query_as(select_tokens!("WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(token)
+    }
+
+    /// Tokens by id, revoked ones included: those of one account (scoped to it or to one of
+    /// its trunk groups), or all of them (operator tokens too) with `None`.
+    pub async fn list_tokens(
+        &self,
+        account: Option<AccountId>,
+    ) -> Result<Vec<ApiToken>, StoreError> {
+        let tokens = sqlx::query_as(select_tokens!(
+            "WHERE ?1 IS NULL OR account_id = ?1 ORDER BY id"
+        ))
+        .bind(account)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(tokens)
+    }
+
+    /// Revokes a token: it no longer authenticates. Revoking a revoked token is a success
+    /// that keeps the first revocation time; an unknown id is [`StoreError::TokenNotFound`].
+    pub async fn revoke_token(&self, id: TokenId) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "UPDATE api_tokens SET revoked_at = coalesce(revoked_at, max(?, created_at)) \
+             WHERE id = ?",
+        )
+        .bind(now())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::TokenNotFound(id));
+        }
+        Ok(())
+    }
+
+    // ---- audit trail ----
+
+    /// Appends an entry to the audit trail, stamped with the current time in milliseconds.
+    /// The action and object must not be empty, before and after must be JSON when given.
+    /// Neither the account nor the token is looked up: the trail outlives what it describes
+    /// (the entry for removing an account is written when the account is gone).
+    pub async fn record_audit(&self, entry: &NewAuditEntry<'_>) -> Result<(), StoreError> {
+        for (field, text) in [("action", entry.action), ("object", entry.object)] {
+            if text.is_empty() {
+                return Err(StoreError::InvalidAuditEntry {
+                    field,
+                    reason: "must not be empty",
+                });
+            }
+        }
+        check_audit_json("before", entry.before)?;
+        check_audit_json("after", entry.after)?;
+        sqlx::query(
+            "INSERT INTO audit_log \
+             (account_id, token_id, at_ms, action, object, before_json, after_json) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(entry.account)
+        .bind(entry.token)
+        .bind(now_ms())
+        .bind(entry.action)
+        .bind(entry.object)
+        .bind(entry.before)
+        .bind(entry.after)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// An account's audit trail, newest first (by time, then by the order written), at most
+    /// `limit` entries. An account without entries, or unknown, has an empty trail; the trail
+    /// of a removed account stays readable.
+    pub async fn audit(
+        &self,
+        account: AccountId,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let entries = sqlx::query_as(
+            "SELECT id, account_id, token_id, at_ms, action, object, before_json, after_json \
+             FROM audit_log WHERE account_id = ? ORDER BY at_ms DESC, id DESC LIMIT ?",
+        )
+        .bind(account)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(entries)
     }
 }
 
@@ -2265,5 +2938,1028 @@ mod tests {
             .set_did_failover_number("+442071234567", Some("+15550001111"))
             .await
             .unwrap();
+    }
+
+    // ---- failover plans ----
+
+    /// Acme's trunk groups `main` (DIDs +442071234567, +442071234568, +442071234569) and
+    /// `backup`; Globex's trunk group `main` with DID +15557770000.
+    async fn plan_fixture() -> (tempfile::TempDir, Store, TrunkGroup, TrunkGroup, TrunkGroup) {
+        let (dir, store, acme, main) = seeded().await;
+        let backup = store
+            .create_trunk_group(acme.id, "backup", "acme-backup", "pw", REALM)
+            .await
+            .unwrap();
+        let globex = store.create_account("Globex").await.unwrap();
+        let foreign = store
+            .create_trunk_group(globex.id, "main", "globex-main", "pw", REALM)
+            .await
+            .unwrap();
+        for n in ["+442071234567", "+442071234568", "+442071234569"] {
+            store.create_did(n, main.id).await.unwrap();
+        }
+        store.create_did("+15557770000", foreign.id).await.unwrap();
+        (dir, store, main, backup, foreign)
+    }
+
+    fn dids(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(d, n)| ((*d).to_owned(), (*n).to_owned()))
+            .collect()
+    }
+
+    /// Every DID's own failover number, by number.
+    async fn did_numbers(store: &Store) -> Vec<(String, Option<String>)> {
+        store
+            .list_dids(None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| (d.number, d.failover_number))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_failover_plan_is_written_whole_and_read_back() {
+        let (_dir, store, main, backup, _foreign) = plan_fixture().await;
+        assert_eq!(
+            store.failover_plan(main.id).await.unwrap(),
+            FailoverSettings::default()
+        );
+        let v0 = store.config_version().await.unwrap();
+
+        let plan = FailoverSettings {
+            global_number: Some("15550002222".into()),
+            pbx: Some(FailoverPbx::Uri(
+                "SIP:Backup.Example.COM;transport=tcp".into(),
+            )),
+            dids: dids(&[
+                ("442071234567", "+15550001111"),
+                ("+442071234568", "15550003333"),
+            ]),
+        };
+        let want = FailoverSettings {
+            global_number: Some("+15550002222".into()),
+            pbx: Some(FailoverPbx::Uri(
+                "sip:backup.example.com;transport=tcp".into(),
+            )),
+            dids: dids(&[
+                ("+442071234567", "+15550001111"),
+                ("+442071234568", "+15550003333"),
+            ]),
+        };
+        assert_eq!(store.set_failover_plan(main.id, &plan).await.unwrap(), want);
+        assert_eq!(store.failover_plan(main.id).await.unwrap(), want);
+        let group = store.trunk_group(main.id).await.unwrap().unwrap();
+        assert_eq!(group.failover_number, want.global_number);
+        assert_eq!(group.failover_pbx, want.pbx);
+        assert_eq!(
+            did_numbers(&store).await,
+            [
+                ("+15557770000".into(), None),
+                ("+442071234567".into(), Some("+15550001111".into())),
+                ("+442071234568".into(), Some("+15550003333".into())),
+                ("+442071234569".into(), None),
+            ]
+        );
+        let v1 = store.config_version().await.unwrap();
+        assert!(v1 > v0, "the servers reload");
+        // The other groups are untouched.
+        assert_eq!(
+            store.trunk_group(backup.id).await.unwrap(),
+            Some(backup.clone())
+        );
+
+        // The same plan again writes nothing.
+        assert_eq!(store.set_failover_plan(main.id, &want).await.unwrap(), want);
+        assert_eq!(store.config_version().await.unwrap(), v1);
+
+        // A DID left out loses its number; another gains one; a trunk group PBX replaces the URI.
+        let plan = FailoverSettings {
+            global_number: None,
+            pbx: Some(FailoverPbx::TrunkGroup(backup.id)),
+            dids: dids(&[("+442071234569", "+15550004444")]),
+        };
+        assert_eq!(store.set_failover_plan(main.id, &plan).await.unwrap(), plan);
+        assert_eq!(store.failover_plan(main.id).await.unwrap(), plan);
+        assert_eq!(
+            did_numbers(&store).await,
+            [
+                ("+15557770000".into(), None),
+                ("+442071234567".into(), None),
+                ("+442071234568".into(), None),
+                ("+442071234569".into(), Some("+15550004444".into())),
+            ]
+        );
+        let (uri, group): (Option<String>, Option<i64>) = sqlx::query_as(
+            "SELECT failover_pbx_uri, failover_pbx_trunk_group FROM trunk_groups WHERE id = ?",
+        )
+        .bind(main.id)
+        .fetch_one(&store.pool)
+        .await
+        .unwrap();
+        assert_eq!((uri, group), (None, Some(backup.id)));
+        let v2 = store.config_version().await.unwrap();
+        assert!(v2 > v1);
+
+        // The same DID twice, in both forms, with one number is one entry.
+        let plan = FailoverSettings {
+            dids: dids(&[
+                ("+442071234567", "+15550001111"),
+                ("442071234567", "15550001111"),
+            ]),
+            ..FailoverSettings::default()
+        };
+        assert_eq!(
+            store.set_failover_plan(main.id, &plan).await.unwrap().dids,
+            dids(&[("+442071234567", "+15550001111")])
+        );
+
+        // An empty plan clears everything.
+        assert_eq!(
+            store
+                .set_failover_plan(main.id, &FailoverSettings::default())
+                .await
+                .unwrap(),
+            FailoverSettings::default()
+        );
+        assert_eq!(
+            store.failover_plan(main.id).await.unwrap(),
+            FailoverSettings::default()
+        );
+        assert!(did_numbers(&store).await.iter().all(|(_, n)| n.is_none()));
+        assert!(store.config_version().await.unwrap() > v2);
+
+        // A group without DIDs takes a plan without DIDs.
+        let plan = FailoverSettings {
+            global_number: Some("+15550002222".into()),
+            ..FailoverSettings::default()
+        };
+        assert_eq!(
+            store.set_failover_plan(backup.id, &plan).await.unwrap(),
+            plan
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_failover_plan_changes_nothing() {
+        let (_dir, store, main, backup, foreign) = plan_fixture().await;
+        let good = FailoverSettings {
+            global_number: Some("+15550002222".into()),
+            pbx: Some(FailoverPbx::Uri("sip:backup.example.com".into())),
+            dids: dids(&[("+442071234567", "+15550001111")]),
+        };
+        store.set_failover_plan(main.id, &good).await.unwrap();
+        store
+            .set_did_failover_number("+15557770000", Some("+15550009999"))
+            .await
+            .unwrap();
+        let version = store.config_version().await.unwrap();
+        let groups = store.list_trunk_groups(None).await.unwrap();
+        let numbers = did_numbers(&store).await;
+
+        // Each bad plan also carries good changes that must not be applied.
+        let with = |f: &dyn Fn(&mut FailoverSettings)| {
+            let mut plan = FailoverSettings {
+                global_number: Some("+15550005555".into()),
+                pbx: Some(FailoverPbx::TrunkGroup(backup.id)),
+                dids: dids(&[
+                    ("+442071234568", "+15550006666"),
+                    ("+442071234569", "+15550007777"),
+                ]),
+            };
+            f(&mut plan);
+            plan
+        };
+        let is_itself =
+            |e: &StoreError| matches!(e, StoreError::FailoverPbxIsItself(id) if *id == main.id);
+        let is_other_account = |e: &StoreError| {
+            matches!(e, StoreError::FailoverPbxOtherAccount { id, pbx, .. }
+                if *id == main.id && *pbx == foreign.id)
+        };
+        type Case<'a> = (
+            TrunkGroupId,
+            FailoverSettings,
+            &'a dyn Fn(&StoreError) -> bool,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                main.id,
+                with(&|p| p.global_number = Some("+0123".into())),
+                &|e| matches!(e, StoreError::InvalidNumber { input, .. } if input == "+0123"),
+            ),
+            (
+                main.id,
+                with(&|p| {
+                    p.dids.insert("+442071234567".into(), "12".into());
+                }),
+                &|e| matches!(e, StoreError::InvalidNumber { input, .. } if input == "12"),
+            ),
+            (
+                main.id,
+                with(&|p| {
+                    p.dids.insert("not-a-did".into(), "+15550001111".into());
+                }),
+                &|e| matches!(e, StoreError::InvalidNumber { input, .. } if input == "not-a-did"),
+            ),
+            (
+                main.id,
+                with(&|p| {
+                    p.dids.insert("+442071234567".into(), "442071234567".into());
+                }),
+                &|e| matches!(e, StoreError::FailoverNumberIsDid(d) if d == "+442071234567"),
+            ),
+            (
+                main.id,
+                with(&|p| {
+                    p.dids.insert("442071234568".into(), "+15550001111".into());
+                }),
+                &|e| matches!(e, StoreError::DidListedTwice(d) if d == "+442071234568"),
+            ),
+            (
+                main.id,
+                with(&|p| {
+                    p.dids.insert("+15557770000".into(), "+15550001111".into());
+                }),
+                &|e| matches!(e, StoreError::DidNotFound(d) if d == "+15557770000"),
+            ),
+            (
+                main.id,
+                with(&|p| {
+                    p.dids.insert("+15559999999".into(), "+15550001111".into());
+                }),
+                &|e| matches!(e, StoreError::DidNotFound(d) if d == "+15559999999"),
+            ),
+            (
+                main.id,
+                with(&|p| p.pbx = Some(FailoverPbx::Uri("http://x".into()))),
+                &|e| matches!(e, StoreError::InvalidFailoverUri { input, .. } if input == "http://x"),
+            ),
+            (
+                main.id,
+                with(&|p| p.pbx = Some(FailoverPbx::TrunkGroup(main.id))),
+                &is_itself,
+            ),
+            (
+                main.id,
+                with(&|p| p.pbx = Some(FailoverPbx::TrunkGroup(999))),
+                &|e| matches!(e, StoreError::FailoverPbxNotFound(999)),
+            ),
+            (
+                main.id,
+                with(&|p| p.pbx = Some(FailoverPbx::TrunkGroup(foreign.id))),
+                &is_other_account,
+            ),
+            (999, with(&|p| p.dids.clear()), &|e| {
+                matches!(e, StoreError::TrunkGroupNotFound(999))
+            }),
+        ];
+        for (i, (group, plan, want)) in cases.iter().enumerate() {
+            let err = store.set_failover_plan(*group, plan).await.unwrap_err();
+            assert!(want(&err), "case {i}: {err:?}");
+            assert_eq!(store.config_version().await.unwrap(), version, "case {i}");
+            assert_eq!(
+                store.list_trunk_groups(None).await.unwrap(),
+                groups,
+                "case {i}"
+            );
+            assert_eq!(did_numbers(&store).await, numbers, "case {i}");
+        }
+        assert_eq!(
+            StoreError::FailoverNumberIsDid("+442071234567".into()).to_string(),
+            "DID +442071234567 cannot fail over to its own number"
+        );
+        assert!(matches!(
+            store.failover_plan(999).await,
+            Err(StoreError::TrunkGroupNotFound(999))
+        ));
+
+        // A failure half way through the writes rolls back the part already written.
+        sqlx::query(
+            "CREATE TRIGGER fail_late BEFORE UPDATE ON dids WHEN NEW.number = '+442071234569' \
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+        )
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        let err = store
+            .set_failover_plan(main.id, &with(&|_| {}))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Database(e) if e.to_string().contains("refused by the test")),
+            "{err:?}"
+        );
+        assert_eq!(store.config_version().await.unwrap(), version);
+        assert_eq!(store.list_trunk_groups(None).await.unwrap(), groups);
+        assert_eq!(did_numbers(&store).await, numbers);
+        assert_eq!(store.failover_plan(main.id).await.unwrap(), good);
+    }
+
+    #[tokio::test]
+    async fn a_did_cannot_fail_over_to_itself() {
+        let (_dir, store, _acme, main) = seeded().await;
+        store.create_did("+442071234567", main.id).await.unwrap();
+        let version = store.config_version().await.unwrap();
+        for failover in ["+442071234567", "442071234567"] {
+            let err = store
+                .set_did_failover_number("442071234567", Some(failover))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&err, StoreError::FailoverNumberIsDid(d) if d == "+442071234567"),
+                "{err:?}"
+            );
+        }
+        assert_eq!(store.config_version().await.unwrap(), version);
+        assert_eq!(
+            store
+                .did("+442071234567")
+                .await
+                .unwrap()
+                .unwrap()
+                .failover_number,
+            None
+        );
+    }
+
+    // ---- API tokens ----
+
+    #[test]
+    fn base64url_follows_rfc4648() {
+        for (input, want) in [
+            (&b""[..], ""),
+            (b"f", "Zg"),
+            (b"fo", "Zm8"),
+            (b"foo", "Zm9v"),
+            (b"foob", "Zm9vYg"),
+            (b"fooba", "Zm9vYmE"),
+            (b"foobar", "Zm9vYmFy"),
+            (&[0xfb, 0xff], "-_8"),
+            (&[0xff; 3], "____"),
+            (&[0; 3], "AAAA"),
+        ] {
+            assert_eq!(base64url(input), want, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn token_secrets_have_the_documented_form_and_differ() {
+        let a = new_token_secret();
+        let b = new_token_secret();
+        for s in [&a, &b] {
+            assert_eq!(s.len(), 47, "{s}");
+            let body = s.strip_prefix("llt_").expect("prefix");
+            assert_eq!(body.len(), 43);
+            assert!(
+                body.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'),
+                "{s}"
+            );
+        }
+        assert_ne!(a, b);
+        assert_eq!(token_hash("llt_x"), hex::encode(Sha256::digest(b"llt_x")),);
+    }
+
+    /// Acme (with trunk group `main`) and Globex (with trunk group `main`).
+    async fn token_fixture() -> (
+        tempfile::TempDir,
+        Store,
+        Account,
+        TrunkGroup,
+        Account,
+        TrunkGroup,
+    ) {
+        let (dir, store, acme, main) = seeded().await;
+        let globex = store.create_account("Globex").await.unwrap();
+        let other = store
+            .create_trunk_group(globex.id, "main", "globex-main", "pw", REALM)
+            .await
+            .unwrap();
+        (dir, store, acme, main, globex, other)
+    }
+
+    #[tokio::test]
+    async fn tokens_of_every_scope_are_created_found_and_listed() {
+        let (_dir, store, acme, main, globex, other) = token_fixture().await;
+        let version = store.config_version().await.unwrap();
+        let before = now();
+
+        let (op, op_secret) = store
+            .create_token(TokenScope::Operator, "  ops script ")
+            .await
+            .unwrap();
+        let acme_scope = TokenScope::Account(acme.id);
+        let (account, account_secret) = store.create_token(acme_scope, "portal").await.unwrap();
+        let group_scope = TokenScope::TrunkGroup {
+            account: acme.id,
+            trunk_group: main.id,
+        };
+        let (agent, agent_secret) = store.create_token(group_scope, "").await.unwrap();
+        let (foreign, _) = store
+            .create_token(
+                TokenScope::TrunkGroup {
+                    account: globex.id,
+                    trunk_group: other.id,
+                },
+                "globex agent",
+            )
+            .await
+            .unwrap();
+
+        assert_eq!(op.scope, TokenScope::Operator);
+        assert_eq!(op.label, "ops script", "trimmed");
+        assert_eq!(account.scope, acme_scope);
+        assert_eq!(agent.scope, group_scope);
+        assert_eq!(agent.label, "");
+        assert!(op.created_at >= before && op.created_at <= now());
+        assert_eq!(op.revoked_at, None);
+        assert!(op.id < account.id && account.id < agent.id && agent.id < foreign.id);
+        let secrets = [&op_secret, &account_secret, &agent_secret];
+        for (i, s) in secrets.iter().enumerate() {
+            assert!(s.starts_with("llt_") && s.len() == 47, "{s}");
+            assert!(secrets[i + 1..].iter().all(|t| t != s), "secrets differ");
+        }
+
+        for (token, secret) in [
+            (&op, &op_secret),
+            (&account, &account_secret),
+            (&agent, &agent_secret),
+        ] {
+            assert_eq!(
+                store.token_by_secret(secret).await.unwrap().as_ref(),
+                Some(token)
+            );
+            assert_eq!(store.token(token.id).await.unwrap().as_ref(), Some(token));
+        }
+        assert_eq!(store.token(999).await.unwrap(), None);
+
+        assert_eq!(
+            store.list_tokens(None).await.unwrap(),
+            [op.clone(), account.clone(), agent.clone(), foreign.clone()]
+        );
+        assert_eq!(
+            store.list_tokens(Some(acme.id)).await.unwrap(),
+            [account.clone(), agent.clone()]
+        );
+        assert_eq!(
+            store.list_tokens(Some(globex.id)).await.unwrap(),
+            std::slice::from_ref(&foreign)
+        );
+        assert!(store.list_tokens(Some(999)).await.unwrap().is_empty());
+
+        // Tokens are not configuration.
+        store.revoke_token(agent.id).await.unwrap();
+        assert_eq!(store.config_version().await.unwrap(), version);
+    }
+
+    #[tokio::test]
+    async fn only_the_sha256_of_a_secret_is_stored() {
+        let (dir, store, acme, _main) = seeded().await;
+        let (token, secret) = store
+            .create_token(TokenScope::Account(acme.id), "portal")
+            .await
+            .unwrap();
+        let stored: String =
+            sqlx::query_scalar("SELECT secret_sha256 FROM api_tokens WHERE id = ?")
+                .bind(token.id)
+                .fetch_one(&store.pool)
+                .await
+                .unwrap();
+        assert_eq!(stored, hex::encode(Sha256::digest(secret.as_bytes())));
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        store.close().await;
+        let body = secret.strip_prefix("llt_").unwrap();
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            assert!(
+                !bytes.windows(body.len()).any(|w| w == body.as_bytes()),
+                "the secret is in the store"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_wrong_or_revoked_secret_finds_no_token() {
+        let (_dir, store, acme, main) = seeded().await;
+        let (kept, kept_secret) = store
+            .create_token(TokenScope::Account(acme.id), "kept")
+            .await
+            .unwrap();
+        let (gone, gone_secret) = store
+            .create_token(
+                TokenScope::TrunkGroup {
+                    account: acme.id,
+                    trunk_group: main.id,
+                },
+                "gone",
+            )
+            .await
+            .unwrap();
+
+        let mut flipped = kept_secret.clone().into_bytes();
+        let last = flipped.len() - 1;
+        flipped[last] = if flipped[last] == b'A' { b'B' } else { b'A' };
+        let flipped = String::from_utf8(flipped).unwrap();
+        let hash = token_hash(&kept_secret);
+        for wrong in [
+            "",
+            "llt_",
+            &flipped,
+            &kept_secret[..kept_secret.len() - 1],
+            &format!("{kept_secret}x"),
+            &format!(" {kept_secret}"),
+            &kept_secret.to_uppercase(),
+            &hash,
+        ] {
+            assert_eq!(
+                store.token_by_secret(wrong).await.unwrap(),
+                None,
+                "{wrong:?}"
+            );
+        }
+
+        let before = now();
+        store.revoke_token(gone.id).await.unwrap();
+        assert_eq!(store.token_by_secret(&gone_secret).await.unwrap(), None);
+        let revoked = store.token(gone.id).await.unwrap().unwrap();
+        let at = revoked.revoked_at.expect("revoked");
+        assert!(at >= before && at <= now());
+        assert_eq!(
+            ApiToken {
+                revoked_at: None,
+                ..revoked.clone()
+            },
+            gone
+        );
+        // Again: a success that keeps the first time.
+        sqlx::query(
+            "UPDATE api_tokens SET created_at = created_at - 10, revoked_at = revoked_at - 5 \
+             WHERE id = ?",
+        )
+        .bind(gone.id)
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        store.revoke_token(gone.id).await.unwrap();
+        assert_eq!(
+            store.token(gone.id).await.unwrap().unwrap().revoked_at,
+            Some(at - 5)
+        );
+        // Listed still, as revoked.
+        assert_eq!(
+            store.list_tokens(Some(acme.id)).await.unwrap()[1].revoked_at,
+            Some(at - 5)
+        );
+
+        let err = store.revoke_token(999).await.unwrap_err();
+        assert!(matches!(err, StoreError::TokenNotFound(999)), "{err:?}");
+        assert_eq!(err.to_string(), "no API token with id 999");
+
+        // The other token is untouched.
+        assert_eq!(
+            store.token_by_secret(&kept_secret).await.unwrap(),
+            Some(kept)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_token_scope_must_exist_and_hold_together() {
+        let (_dir, store, acme, main, globex, _other) = token_fixture().await;
+        let err = store
+            .create_token(TokenScope::Account(999), "x")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::AccountNotFound(999)), "{err:?}");
+        let err = store
+            .create_token(
+                TokenScope::TrunkGroup {
+                    account: acme.id,
+                    trunk_group: 999,
+                },
+                "x",
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::TrunkGroupNotFound(999)),
+            "{err:?}"
+        );
+        let err = store
+            .create_token(
+                TokenScope::TrunkGroup {
+                    account: globex.id,
+                    trunk_group: main.id,
+                },
+                "x",
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::TokenScopeMismatch { trunk_group, account, group_account }
+                if trunk_group == main.id && account == globex.id && group_account == acme.id),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "trunk group {} belongs to account {}, not to account {}: a trunk group token \
+                 is scoped to the group's own account",
+                main.id, acme.id, globex.id
+            )
+        );
+        for bad in ["a\tb", "a\nb", &"l".repeat(201)] {
+            let err = store
+                .create_token(TokenScope::Operator, bad)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    StoreError::InvalidName {
+                        field: "token label",
+                        ..
+                    }
+                ),
+                "{bad:?}: {err:?}"
+            );
+        }
+        assert!(store.list_tokens(None).await.unwrap().is_empty());
+        store
+            .create_token(TokenScope::Operator, &"l".repeat(200))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_schema_refuses_bad_token_rows_from_other_writers() {
+        let (_dir, store, acme, main, globex, _other) = token_fixture().await;
+        let insert = async |account: Option<i64>, group: Option<i64>, hash: &str| {
+            sqlx::query(
+                "INSERT INTO api_tokens \
+                 (secret_sha256, account_id, trunk_group_id, label, created_at) \
+                 VALUES (?, ?, ?, '', 1)",
+            )
+            .bind(hash)
+            .bind(account)
+            .bind(group)
+            .execute(&store.pool)
+            .await
+            .map(|_| ())
+        };
+        let hash = "a".repeat(64);
+        for (account, group, hash, want) in [
+            (
+                None,
+                Some(main.id),
+                hash.as_str(),
+                "CHECK constraint failed",
+            ),
+            (
+                Some(globex.id),
+                Some(main.id),
+                &hash,
+                "FOREIGN KEY constraint failed",
+            ),
+            (Some(999), None, &hash, "FOREIGN KEY constraint failed"),
+            (Some(acme.id), None, "abc", "CHECK constraint failed"),
+            (
+                Some(acme.id),
+                None,
+                &"A".repeat(64),
+                "CHECK constraint failed",
+            ),
+        ] {
+            let err = insert(account, group, hash).await.unwrap_err();
+            assert!(
+                err.to_string().contains(want),
+                "{account:?} {group:?}: {err}"
+            );
+        }
+        insert(Some(acme.id), Some(main.id), &hash).await.unwrap();
+        let err = insert(Some(acme.id), None, &hash).await.unwrap_err();
+        assert!(err.to_string().contains("UNIQUE"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn live_tokens_keep_their_trunk_group_and_account_revoked_ones_go_with_them() {
+        let (_dir, store, acme, main) = seeded().await;
+        let group_scope = TokenScope::TrunkGroup {
+            account: acme.id,
+            trunk_group: main.id,
+        };
+        let (g1, _) = store.create_token(group_scope, "agent 1").await.unwrap();
+        let (g2, _) = store.create_token(group_scope, "agent 2").await.unwrap();
+        let (a1, _) = store
+            .create_token(TokenScope::Account(acme.id), "portal")
+            .await
+            .unwrap();
+        let (op, _) = store
+            .create_token(TokenScope::Operator, "ops")
+            .await
+            .unwrap();
+        store.revoke_token(g1.id).await.unwrap();
+        let version = store.config_version().await.unwrap();
+
+        let err = store.remove_trunk_group(main.id).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::TrunkGroupHasTokens { id, tokens }
+                if *id == main.id && *tokens == [g2.id]),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "trunk group {} still has live API token(s) {}; revoke them first",
+                main.id, g2.id
+            )
+        );
+        // The refusal rolled back the removal of the revoked token too.
+        assert!(store.token(g1.id).await.unwrap().is_some());
+        assert_eq!(store.config_version().await.unwrap(), version);
+
+        // DIDs are named before tokens.
+        store.create_did("+442071234567", main.id).await.unwrap();
+        assert!(matches!(
+            store.remove_trunk_group(main.id).await,
+            Err(StoreError::TrunkGroupHasDids { count: 1, .. })
+        ));
+        store.remove_did("+442071234567").await.unwrap();
+
+        store.revoke_token(g2.id).await.unwrap();
+        store.remove_trunk_group(main.id).await.unwrap();
+        assert_eq!(store.token(g1.id).await.unwrap(), None);
+        assert_eq!(store.token(g2.id).await.unwrap(), None);
+        assert!(store.token(a1.id).await.unwrap().is_some());
+
+        let err = store.remove_account(acme.id).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::AccountHasTokens { id, tokens }
+                if *id == acme.id && *tokens == [a1.id]),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "account {} still has live API token(s) {}; revoke them first",
+                acme.id, a1.id
+            )
+        );
+        assert!(store.account(acme.id).await.unwrap().is_some());
+        store.revoke_token(a1.id).await.unwrap();
+        store.remove_account(acme.id).await.unwrap();
+        assert_eq!(store.token(a1.id).await.unwrap(), None);
+        assert_eq!(store.list_tokens(None).await.unwrap(), [op]);
+        assert!(matches!(
+            store.remove_account(acme.id).await,
+            Err(StoreError::AccountNotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_account_with_trunk_groups_and_tokens_names_the_trunk_groups() {
+        let (_dir, store, acme, _main) = seeded().await;
+        store
+            .create_token(TokenScope::Account(acme.id), "portal")
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.remove_account(acme.id).await,
+            Err(StoreError::AccountHasTrunkGroups { count: 1, .. })
+        ));
+    }
+
+    // ---- audit trail ----
+
+    #[tokio::test]
+    async fn the_audit_trail_is_per_account_and_newest_first() {
+        let (_dir, store, acme, main, globex, _other) = token_fixture().await;
+        let (token, _) = store
+            .create_token(TokenScope::Account(acme.id), "portal")
+            .await
+            .unwrap();
+        let version = store.config_version().await.unwrap();
+        let before = now_ms();
+        let object = format!("trunk_group:{}", main.id);
+        let entries = [
+            NewAuditEntry {
+                account: acme.id,
+                token: None,
+                action: "trunk_group.create",
+                object: &object,
+                before: None,
+                after: Some(r#"{"name":"main"}"#),
+            },
+            NewAuditEntry {
+                account: globex.id,
+                token: None,
+                action: "account.create",
+                object: "account:2",
+                before: None,
+                after: Some("{}"),
+            },
+            NewAuditEntry {
+                account: acme.id,
+                token: Some(token.id),
+                action: "trunk_group.update",
+                object: &object,
+                before: Some(r#"{"name":"main"}"#),
+                after: Some(r#"{"name":"head office"}"#),
+            },
+            NewAuditEntry {
+                account: acme.id,
+                token: Some(token.id),
+                action: "did.delete",
+                object: "did:+442071234567",
+                before: Some(r#"{"number":"+442071234567"}"#),
+                after: None,
+            },
+        ];
+        for e in &entries {
+            store.record_audit(e).await.unwrap();
+        }
+        let after = now_ms();
+
+        let trail = store.audit(acme.id, 100).await.unwrap();
+        let got: Vec<_> = trail
+            .iter()
+            .map(|e| {
+                (
+                    e.account,
+                    e.token,
+                    e.action.as_str(),
+                    e.object.as_str(),
+                    e.before.as_deref(),
+                    e.after.as_deref(),
+                )
+            })
+            .collect();
+        let want: Vec<_> = [&entries[3], &entries[2], &entries[0]]
+            .iter()
+            .map(|e| (e.account, e.token, e.action, e.object, e.before, e.after))
+            .collect();
+        assert_eq!(got, want);
+        assert!(
+            trail
+                .windows(2)
+                .all(|w| w[0].at_ms >= w[1].at_ms && w[0].id > w[1].id)
+        );
+        assert!(trail.iter().all(|e| e.at_ms >= before && e.at_ms <= after));
+
+        assert_eq!(store.audit(acme.id, 2).await.unwrap(), trail[..2]);
+        assert!(store.audit(acme.id, 0).await.unwrap().is_empty());
+        let theirs = store.audit(globex.id, 100).await.unwrap();
+        assert_eq!(theirs.len(), 1);
+        assert_eq!(theirs[0].action, "account.create");
+        assert!(store.audit(999, 100).await.unwrap().is_empty());
+
+        // Newest by time first, even if written out of order (a clock that stepped back).
+        sqlx::query("UPDATE audit_log SET at_ms = at_ms + 60000 WHERE id = ?")
+            .bind(trail[2].id)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(store.audit(acme.id, 1).await.unwrap()[0].id, trail[2].id);
+
+        // The trail is not configuration.
+        assert_eq!(store.config_version().await.unwrap(), version);
+    }
+
+    #[tokio::test]
+    async fn the_audit_trail_outlives_what_it_describes_and_refuses_bad_entries() {
+        let (_dir, store) = open().await;
+        let acme = store.create_account("Acme").await.unwrap();
+        let (token, _) = store
+            .create_token(TokenScope::Account(acme.id), "portal")
+            .await
+            .unwrap();
+        store.revoke_token(token.id).await.unwrap();
+        store.remove_account(acme.id).await.unwrap();
+        let entry = NewAuditEntry {
+            account: acme.id,
+            token: Some(token.id),
+            action: "account.delete",
+            object: "account:1",
+            before: Some(r#"{"id":1,"name":"Acme"}"#),
+            after: None,
+        };
+        store.record_audit(&entry).await.unwrap();
+        let trail = store.audit(acme.id, 10).await.unwrap();
+        assert_eq!(trail.len(), 1);
+        assert_eq!(trail[0].token, Some(token.id));
+
+        for (bad, field) in [
+            (
+                NewAuditEntry {
+                    action: "",
+                    ..entry
+                },
+                "action",
+            ),
+            (
+                NewAuditEntry {
+                    object: "",
+                    ..entry
+                },
+                "object",
+            ),
+            (
+                NewAuditEntry {
+                    before: Some("{"),
+                    ..entry
+                },
+                "before",
+            ),
+            (
+                NewAuditEntry {
+                    after: Some("name=x"),
+                    ..entry
+                },
+                "after",
+            ),
+        ] {
+            let err = store.record_audit(&bad).await.unwrap_err();
+            assert!(
+                matches!(err, StoreError::InvalidAuditEntry { field: f, .. } if f == field),
+                "{err:?}"
+            );
+        }
+        assert_eq!(
+            StoreError::InvalidAuditEntry {
+                field: "before",
+                reason: "is not JSON"
+            }
+            .to_string(),
+            "invalid audit entry: before is not JSON"
+        );
+        assert_eq!(store.audit(acme.id, 10).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_store_from_before_the_api_is_migrated_and_keeps_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STORE_FILE);
+        {
+            let pool = SqlitePoolOptions::new()
+                .connect_with(sqlite_options(&path).foreign_keys(true))
+                .await
+                .unwrap();
+            let mut older = sqlx::migrate::Migrator::new(Path::new(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/migrations/sqlite"
+            )))
+            .await
+            .unwrap();
+            older.migrations = std::borrow::Cow::Owned(
+                older
+                    .migrations
+                    .iter()
+                    .filter(|m| m.version <= 2)
+                    .cloned()
+                    .collect(),
+            );
+            older.run(&pool).await.unwrap();
+            sqlx::query("INSERT INTO accounts (name, created_at) VALUES ('Acme', 1)")
+                .execute(&pool)
+                .await
+                .unwrap();
+            sqlx::query(
+                "INSERT INTO trunk_groups \
+                 (account_id, name, username, realm, ha1_md5, ha1_sha256, created_at, \
+                  failover_number) \
+                 VALUES (1, 'main', 'acme', 'r', ?, ?, 2, '+15550002222')",
+            )
+            .bind("0".repeat(32))
+            .bind("0".repeat(64))
+            .execute(&pool)
+            .await
+            .unwrap();
+            pool.close().await;
+        }
+        let store = Store::open(dir.path()).await.unwrap();
+        assert_eq!(
+            store
+                .failover_plan(1)
+                .await
+                .unwrap()
+                .global_number
+                .as_deref(),
+            Some("+15550002222")
+        );
+        let (_, secret) = store
+            .create_token(
+                TokenScope::TrunkGroup {
+                    account: 1,
+                    trunk_group: 1,
+                },
+                "agent",
+            )
+            .await
+            .unwrap();
+        assert!(store.token_by_secret(&secret).await.unwrap().is_some());
     }
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod http;
 pub mod sipp;
 
 use std::io::{BufRead, BufReader};
@@ -30,6 +31,28 @@ impl Carrier {
             .find(|(t, _)| t == transport)
             .map(|(_, a)| *a)
             .unwrap_or_else(|| panic!("no {transport} listener in {:?}", self.bound))
+    }
+
+    /// Where the provisioning API listens, as logged (`API listening scheme=http addr=…`).
+    pub fn api_addr(&self) -> SocketAddr {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if let Some(addr) = log.lines().find_map(|l| {
+                let rest = &l[l.find("API listening ")?..];
+                rest.split_whitespace()
+                    .find_map(|w| w.strip_prefix("addr="))?
+                    .parse()
+                    .ok()
+            }) {
+                return addr;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the carrier never logged its API address:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn log(&self) -> String {
@@ -63,11 +86,28 @@ pub fn start_carrier(config: &str, listeners: usize) -> Carrier {
 /// [`admin`] provisioned, or that an earlier carrier left (restart tests).
 pub fn start_carrier_in(dir: tempfile::TempDir, config: &str, listeners: usize) -> Carrier {
     let path = dir.path().join("carrier.toml");
-    std::fs::write(&path, config).unwrap();
+    std::fs::write(&path, with_free_api_port(config)).unwrap();
     let data = dir.path().join("data");
     let mut cmd = Command::new(carrier_bin());
     cmd.arg("--config").arg(&path).arg("--data-dir").arg(&data);
     spawn(cmd, listeners, dir)
+}
+
+/// Tests run many carriers at once: unless the config names one, the API gets a free port
+/// (`api_listen` goes first in the `[carrier]` table, before any `[[carrier.peers]]`).
+pub fn with_free_api_port(config: &str) -> String {
+    if config.contains("api_listen") {
+        return config.to_string();
+    }
+    if config.contains("[carrier]\n") {
+        config.replacen(
+            "[carrier]\n",
+            "[carrier]\napi_listen = \"127.0.0.1:0\"\n",
+            1,
+        )
+    } else {
+        format!("[carrier]\napi_listen = \"127.0.0.1:0\"\n{config}")
+    }
 }
 
 /// Runs `lifeline-carrier admin ARGS` on the data folder `dir/data` and returns its standard

@@ -1,0 +1,481 @@
+//! The provisioning API against a running `lifeline-carrier` on loopback (plain HTTP), driven by
+//! a hand-written HTTP client: every endpoint, the validation errors, the scopes, and that
+//! another account's objects are a 404 whatever the verb.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::http::{Reply, request};
+use common::{Carrier, admin, start_carrier};
+use serde_json::json;
+
+/// A carrier whose API accepts failover numbers under +1555 and +44.
+fn carrier(ip: &str) -> Carrier {
+    start_carrier(
+        &format!(
+            "[carrier]\nsip_listen = [\"udp:{ip}:0\"]\napi_listen = \"{ip}:0\"\n\
+             failover_number_prefixes = [\"+1555\", \"+44\"]\n"
+        ),
+        1,
+    )
+}
+
+/// An operator token made with the admin command.
+fn operator_token(c: &Carrier) -> String {
+    let out = admin(
+        c.dir.path(),
+        &["token", "create", "--operator", "--label", "ops"],
+    );
+    out.trim()
+        .split('\t')
+        .nth(1)
+        .expect("ID<TAB>SECRET")
+        .to_string()
+}
+
+struct Api {
+    addr: SocketAddr,
+}
+
+impl Api {
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: Option<serde_json::Value>,
+    ) -> Reply {
+        let body = body.map(|b| b.to_string());
+        request(self.addr, method, path, Some(token), body.as_deref())
+    }
+    fn get(&self, path: &str, token: &str) -> Reply {
+        self.call("GET", path, token, None)
+    }
+    fn post(&self, path: &str, token: &str, body: serde_json::Value) -> Reply {
+        self.call("POST", path, token, Some(body))
+    }
+}
+
+fn expect(r: &Reply, status: u16) {
+    assert_eq!(r.status, status, "{} {}", r.status, r.text);
+}
+
+/// Creates an account and a token for it; returns (account id, token).
+fn account(api: &Api, op: &str, name: &str) -> (i64, String) {
+    let r = api.post("/v1/accounts", op, json!({"name": name}));
+    expect(&r, 201);
+    let id = r.json["id"].as_i64().unwrap();
+    let r = api.post(
+        "/v1/tokens",
+        op,
+        json!({"scope": {"account": id}, "label": name}),
+    );
+    expect(&r, 201);
+    (id, r.json["token"].as_str().unwrap().to_string())
+}
+
+#[test]
+fn tokens_and_accounts() {
+    let c = carrier("127.0.110.1");
+    let api = Api { addr: c.api_addr() };
+    let op = operator_token(&c);
+    // No token, a wrong one: 401 with a JSON error and WWW-Authenticate.
+    let r = request(api.addr, "GET", "/v1/accounts", None, None);
+    expect(&r, 401);
+    assert_eq!(r.code(), "unauthorized");
+    assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+    expect(&api.get("/v1/accounts", "llt_wrong"), 401);
+
+    let (a, ta) = account(&api, &op, "acme");
+    let (b, _tb) = account(&api, &op, "globex");
+    // The operator sees both; an account only itself.
+    assert_eq!(
+        api.get("/v1/accounts", &op).json.as_array().unwrap().len(),
+        2
+    );
+    let mine = api.get("/v1/accounts", &ta).json;
+    assert_eq!(mine.as_array().unwrap().len(), 1, "{mine}");
+    assert_eq!(mine[0]["id"], a);
+    expect(&api.get(&format!("/v1/accounts/{a}"), &ta), 200);
+    expect(&api.get(&format!("/v1/accounts/{b}"), &ta), 404);
+    expect(
+        &api.call("DELETE", &format!("/v1/accounts/{b}"), &ta, None),
+        404,
+    );
+    // Only the operator creates accounts; a duplicate name is a conflict naming the field.
+    let r = api.post("/v1/accounts", &ta, json!({"name": "evil"}));
+    expect(&r, 403);
+    let r = api.post("/v1/accounts", &op, json!({"name": "acme"}));
+    expect(&r, 409);
+    assert_eq!(r.field(), "name");
+    // Unknown fields are refused by name; malformed JSON is a JSON error too.
+    let r = api.post("/v1/accounts", &op, json!({"name": "x", "colour": "red"}));
+    expect(&r, 422);
+    assert_eq!((r.code(), r.field()), ("invalid_body", "colour"));
+    let r = request(
+        api.addr,
+        "POST",
+        "/v1/accounts",
+        Some(&op),
+        Some("{\"name\":"),
+    );
+    assert_eq!(r.code(), "invalid_body", "{}", r.text);
+    // Bodies are size-limited.
+    let big = format!("{{\"name\": \"{}\"}}", "x".repeat(100_000));
+    let r = request(api.addr, "POST", "/v1/accounts", Some(&op), Some(&big));
+    expect(&r, 413);
+    // Tokens: an account token cannot make tokens for another account; listing shows no
+    // secrets; a revoked token stops working.
+    let r = api.post("/v1/tokens", &ta, json!({"scope": {"account": b}}));
+    expect(&r, 422);
+    assert_eq!(r.field(), "scope");
+    let r = api.post(
+        "/v1/tokens",
+        &ta,
+        json!({"scope": {"account": a}, "label": "second"}),
+    );
+    expect(&r, 201);
+    let (second_id, second) = (
+        r.json["id"].as_i64().unwrap(),
+        r.json["token"].as_str().unwrap().to_string(),
+    );
+    expect(&api.get("/v1/accounts", &second), 200);
+    let list = api.get("/v1/tokens", &ta);
+    expect(&list, 200);
+    assert!(
+        list.json
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t.get("token").is_none()),
+        "{}",
+        list.text
+    );
+    expect(
+        &api.call("DELETE", &format!("/v1/tokens/{second_id}"), &ta, None),
+        204,
+    );
+    expect(&api.get("/v1/accounts", &second), 401);
+    // Operator tokens come only from the command line.
+    expect(
+        &api.post("/v1/tokens", &op, json!({"scope": "operator"})),
+        403,
+    );
+    // The operator removes an account once its live tokens are revoked.
+    let r = api.call("DELETE", &format!("/v1/accounts/{b}"), &op, None);
+    assert_eq!((r.status, r.code()), (409, "in_use"), "{}", r.text);
+    let tokens = api.get("/v1/tokens", &op).json;
+    for t in tokens.as_array().unwrap() {
+        if t["scope"] == json!({"account": b}) {
+            expect(
+                &api.call("DELETE", &format!("/v1/tokens/{}", t["id"]), &op, None),
+                204,
+            );
+        }
+    }
+    expect(
+        &api.call("DELETE", &format!("/v1/accounts/{b}"), &op, None),
+        204,
+    );
+    expect(&api.get(&format!("/v1/accounts/{b}"), &op), 404);
+    // Unknown paths are JSON 404s too.
+    assert_eq!(api.get("/v1/nothing", &op).code(), "not_found");
+}
+
+#[test]
+fn trunk_groups_dids_failover_and_audit() {
+    let c = carrier("127.0.110.2");
+    let api = Api { addr: c.api_addr() };
+    let op = operator_token(&c);
+    let (a, ta) = account(&api, &op, "acme");
+    let (_b, tb) = account(&api, &op, "globex");
+
+    // Trunk groups: created in the token's own account; the password is never shown.
+    let r = api.post(
+        "/v1/trunk-groups",
+        &ta,
+        json!({"name": "main", "username": "acme-main", "password": "s3cret"}),
+    );
+    expect(&r, 201);
+    assert!(
+        !r.text.contains("s3cret") && r.json.get("password").is_none(),
+        "{}",
+        r.text
+    );
+    assert_eq!(r.json["account_id"], a);
+    let g = r.json["id"].as_i64().unwrap();
+    let r = api.post(
+        "/v1/trunk-groups",
+        &ta,
+        json!({"name": "backup", "username": "acme-backup", "password": "pw2"}),
+    );
+    expect(&r, 201);
+    let g2 = r.json["id"].as_i64().unwrap();
+    let r = api.post(
+        "/v1/trunk-groups",
+        &tb,
+        json!({"name": "main", "username": "globex-main", "password": "pw"}),
+    );
+    expect(&r, 201);
+    let other = r.json["id"].as_i64().unwrap();
+    // Validation: duplicate and malformed usernames, the operator must name the account.
+    let r = api.post(
+        "/v1/trunk-groups",
+        &ta,
+        json!({"name": "x", "username": "acme-main", "password": "p"}),
+    );
+    expect(&r, 409);
+    assert_eq!(r.field(), "username");
+    let r = api.post(
+        "/v1/trunk-groups",
+        &ta,
+        json!({"name": "x", "username": "a b", "password": "p"}),
+    );
+    expect(&r, 422);
+    assert_eq!(r.field(), "username");
+    let r = api.post(
+        "/v1/trunk-groups",
+        &op,
+        json!({"name": "x", "username": "xx", "password": "p"}),
+    );
+    assert_eq!((r.status, r.field()), (422, "account_id"));
+    // Another account's trunk group: 404 for every verb.
+    let path = format!("/v1/trunk-groups/{other}");
+    expect(&api.get(&path, &ta), 404);
+    expect(
+        &api.call("PATCH", &path, &ta, Some(json!({"password": "x"}))),
+        404,
+    );
+    expect(&api.call("DELETE", &path, &ta, None), 404);
+    expect(&api.get(&format!("{path}/failover"), &ta), 404);
+    expect(
+        &api.call("PUT", &format!("{path}/failover"), &ta, Some(json!({}))),
+        404,
+    );
+    assert_eq!(
+        api.get("/v1/trunk-groups", &ta)
+            .json
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // Failover numbers: E.164, within the allowed prefixes; a PBX of another account is no
+    // trunk group at all.
+    let path = format!("/v1/trunk-groups/{g}");
+    let r = api.call(
+        "PATCH",
+        &path,
+        &ta,
+        Some(json!({"failover_number": "+19005550000"})),
+    );
+    assert_eq!(
+        (r.status, r.code(), r.field()),
+        (422, "number_not_allowed", "failover_number")
+    );
+    let r = api.call(
+        "PATCH",
+        &path,
+        &ta,
+        Some(json!({"failover_number": "12ab"})),
+    );
+    assert_eq!((r.status, r.field()), (422, "failover_number"));
+    let r = api.call(
+        "PATCH",
+        &path,
+        &ta,
+        Some(json!({"failover_pbx": {"trunk_group": other}})),
+    );
+    assert_eq!((r.status, r.field()), (422, "failover_pbx"));
+    let r = api.call(
+        "PATCH",
+        &path,
+        &ta,
+        Some(json!({"failover_pbx": {"trunk_group": g}})),
+    );
+    assert_eq!((r.status, r.field()), (422, "failover_pbx"), "{}", r.text);
+    let r = api.call(
+        "PATCH",
+        &path,
+        &ta,
+        Some(json!({"failover_pbx": {"uri": "http://x"}})),
+    );
+    assert_eq!((r.status, r.field()), (422, "failover_pbx"), "{}", r.text);
+    let r = api.call(
+        "PATCH",
+        &path,
+        &ta,
+        Some(json!({"failover_number": "+15550009999", "failover_pbx": {"uri": "sip:192.0.2.12:5060"}})),
+    );
+    expect(&r, 200);
+    assert_eq!(r.json["failover_number"], "+15550009999");
+    assert_eq!(
+        r.json["failover_pbx"],
+        json!({"uri": "sip:192.0.2.12:5060"})
+    );
+    // null clears, absent keeps.
+    let r = api.call("PATCH", &path, &ta, Some(json!({"failover_pbx": null})));
+    expect(&r, 200);
+    assert_eq!(r.json["failover_pbx"], serde_json::Value::Null);
+    assert_eq!(r.json["failover_number"], "+15550009999");
+
+    // DIDs.
+    let r = api.post(
+        "/v1/dids",
+        &ta,
+        json!({"number": "15551230001", "trunk_group": g}),
+    );
+    expect(&r, 201);
+    assert_eq!(r.json["number"], "+15551230001");
+    expect(
+        &api.post(
+            "/v1/dids",
+            &ta,
+            json!({"number": "+15551230002", "trunk_group": g}),
+        ),
+        201,
+    );
+    let r = api.post(
+        "/v1/dids",
+        &ta,
+        json!({"number": "555-1234", "trunk_group": g}),
+    );
+    assert_eq!((r.status, r.field()), (422, "number"));
+    let r = api.post(
+        "/v1/dids",
+        &ta,
+        json!({"number": "+15551230003", "trunk_group": other}),
+    );
+    assert_eq!((r.status, r.field()), (422, "trunk_group"));
+    let r = api.post(
+        "/v1/dids",
+        &ta,
+        json!({"number": "+15551230001", "trunk_group": g}),
+    );
+    expect(&r, 409);
+    let r = api.post(
+        "/v1/dids",
+        &tb,
+        json!({"number": "+15551239999", "trunk_group": other}),
+    );
+    expect(&r, 201);
+    expect(&api.get("/v1/dids/+15551239999", &ta), 404);
+    expect(&api.call("DELETE", "/v1/dids/+15551239999", &ta, None), 404);
+    assert_eq!(api.get("/v1/dids", &ta).json.as_array().unwrap().len(), 2);
+    let r = api.call(
+        "PATCH",
+        "/v1/dids/15551230001",
+        &ta,
+        Some(json!({"failover_number": "+15551230001"})),
+    );
+    assert_eq!((r.status, r.code()), (422, "number_is_did"));
+    let r = api.call(
+        "PATCH",
+        "/v1/dids/15551230001",
+        &ta,
+        Some(json!({"failover_number": "+447700900123"})),
+    );
+    expect(&r, 200);
+    assert_eq!(r.json["failover_number"], "+447700900123");
+    expect(&api.get("/v1/dids/+15551230001", &ta), 200);
+
+    // The whole failover plan in one write: DIDs left out lose their own number.
+    let fpath = format!("/v1/trunk-groups/{g}/failover");
+    let plan = json!({
+        "global_number": "+15550000001",
+        "pbx": {"trunk_group": g2},
+        "dids": {"+15551230002": "+15550000002"}
+    });
+    let r = api.call("PUT", &fpath, &ta, Some(plan.clone()));
+    expect(&r, 200);
+    assert_eq!(r.json, plan);
+    assert_eq!(api.get(&fpath, &ta).json, plan);
+    // g2 is now g's failover PBX: it cannot be removed.
+    let r = api.call("DELETE", &format!("/v1/trunk-groups/{g2}"), &ta, None);
+    assert_eq!((r.status, r.code()), (409, "in_use"), "{}", r.text);
+    assert_eq!(
+        api.get("/v1/dids/+15551230001", &ta).json["failover_number"],
+        serde_json::Value::Null
+    );
+    // A refused plan changes nothing: a DID of another group, a number outside the prefixes.
+    for (bad, field) in [
+        (json!({"dids": {"+15551239999": "+15550000003"}}), "dids"),
+        (json!({"global_number": "+19005550000"}), "global_number"),
+        (
+            json!({"dids": {"+15551230002": "+15551230002"}}),
+            "dids.+15551230002",
+        ),
+        (json!({"pbx": {"trunk_group": other}}), "failover_pbx"),
+    ] {
+        let r = api.call("PUT", &fpath, &ta, Some(bad.clone()));
+        assert_eq!((r.status, r.field()), (422, field), "{bad}: {}", r.text);
+        assert_eq!(api.get(&fpath, &ta).json, plan, "after {bad}");
+    }
+
+    // A trunk group's token (an agent's): its own group and failover plan only.
+    let r = api.post(
+        "/v1/tokens",
+        &ta,
+        json!({"scope": {"trunk_group": g}, "label": "agent"}),
+    );
+    expect(&r, 201);
+    let agent = r.json["token"].as_str().unwrap().to_string();
+    expect(&api.get(&format!("/v1/trunk-groups/{g}"), &agent), 200);
+    expect(&api.get(&format!("/v1/trunk-groups/{g2}"), &agent), 404);
+    assert_eq!(
+        api.get("/v1/trunk-groups", &agent)
+            .json
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    expect(
+        &api.call(
+            "PATCH",
+            &format!("/v1/trunk-groups/{g}"),
+            &agent,
+            Some(json!({"password": "x"})),
+        ),
+        403,
+    );
+    expect(
+        &api.post(
+            "/v1/dids",
+            &agent,
+            json!({"number": "+15551230009", "trunk_group": g}),
+        ),
+        403,
+    );
+    let r = api.call(
+        "PUT",
+        &fpath,
+        &agent,
+        Some(json!({"global_number": "+15550000004"})),
+    );
+    expect(&r, 200);
+    expect(&api.get(&format!("/v1/accounts/{a}/audit"), &agent), 404);
+
+    // The audit trail: newest first, with the token and the object before and after.
+    let r = api.get(&format!("/v1/accounts/{a}/audit"), &ta);
+    expect(&r, 200);
+    let entries = r.json.as_array().unwrap();
+    assert_eq!(entries[0]["action"], "failover.put");
+    assert_eq!(entries[0]["before"]["global_number"], "+15550000001");
+    assert_eq!(entries[0]["after"]["global_number"], "+15550000004");
+    assert!(entries[0]["token"].as_i64().is_some());
+    assert!(entries.iter().any(|e| e["action"] == "trunk_group.create"));
+    assert!(!r.text.contains("s3cret"), "{}", r.text);
+    expect(&api.get(&format!("/v1/accounts/{a}/audit"), &tb), 404);
+
+    // Removal: a DID, then (once nothing refers to it) a trunk group.
+    expect(&api.call("DELETE", "/v1/dids/+15551230001", &ta, None), 204);
+    expect(&api.get("/v1/dids/+15551230001", &ta), 404);
+    // The agent's plan had no PBX: g2 is free to go.
+    expect(
+        &api.call("DELETE", &format!("/v1/trunk-groups/{g2}"), &ta, None),
+        204,
+    );
+}
