@@ -479,3 +479,98 @@ fn trunk_groups_dids_failover_and_audit() {
         204,
     );
 }
+
+/// The object keys of a JSON value.
+fn keys(v: &serde_json::Value) -> Vec<String> {
+    let mut k: Vec<String> = v
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+    k.sort();
+    k
+}
+
+#[test]
+fn openapi_document_matches_the_server() {
+    let c = carrier("127.0.110.3");
+    let api = Api { addr: c.api_addr() };
+    let op = operator_token(&c);
+    // Public, JSON.
+    let r = request(api.addr, "GET", "/v1/openapi.json", None, None);
+    expect(&r, 200);
+    let doc = r.json;
+    assert_eq!(doc["openapi"], "3.1.0");
+    let schema_keys = |name: &str| keys(&doc["components"]["schemas"][name]["properties"]);
+
+    // Real objects carry exactly the documented properties.
+    let (a, ta) = account(&api, &op, "acme");
+    let acct = api.get(&format!("/v1/accounts/{a}"), &ta).json;
+    assert_eq!(keys(&acct), schema_keys("Account"));
+    let r = api.post(
+        "/v1/trunk-groups",
+        &ta,
+        json!({"name": "main", "username": "acme-main", "password": "pw", "failover_number": "+15550000001"}),
+    );
+    expect(&r, 201);
+    assert_eq!(keys(&r.json), schema_keys("TrunkGroup"));
+    let g = r.json["id"].as_i64().unwrap();
+    let r = api.post(
+        "/v1/dids",
+        &ta,
+        json!({"number": "+15551230001", "trunk_group": g, "failover_number": "+15550000002"}),
+    );
+    expect(&r, 201);
+    assert_eq!(keys(&r.json), schema_keys("Did"));
+    let r = api.post(
+        "/v1/tokens",
+        &ta,
+        json!({"scope": {"trunk_group": g}, "label": "agent"}),
+    );
+    assert_eq!(keys(&r.json), schema_keys("NewTokenAnswer"));
+    let tokens = api.get("/v1/tokens", &ta).json;
+    assert_eq!(keys(&tokens[0]), schema_keys("Token"));
+    let plan = json!({"global_number": "+15550000003", "pbx": {"uri": "sip:192.0.2.1"}, "dids": {"+15551230001": "+15550000004"}});
+    let r = api.call(
+        "PUT",
+        &format!("/v1/trunk-groups/{g}/failover"),
+        &ta,
+        Some(plan),
+    );
+    expect(&r, 200);
+    assert_eq!(keys(&r.json), schema_keys("FailoverPlan"));
+    let audit = api.get(&format!("/v1/accounts/{a}/audit"), &ta).json;
+    assert_eq!(keys(&audit[0]), schema_keys("AuditEntry"));
+    // Request bodies with every documented property are accepted (NewTrunkGroup above lacked
+    // failover_pbx: one more with it).
+    let all: Vec<String> = schema_keys("NewTrunkGroup");
+    let body = json!({"account_id": a, "name": "b", "username": "acme-b", "password": "pw",
+                      "failover_number": "+15550000005", "failover_pbx": {"trunk_group": g}});
+    assert_eq!(keys(&body), all);
+    expect(&api.post("/v1/trunk-groups", &op, body), 201);
+
+    // Every documented operation exists; every other method on those paths is a 405.
+    let paths = doc["paths"].as_object().unwrap();
+    for (path, item) in paths {
+        let concrete = path
+            .replace("{id}", "999999")
+            .replace("{number}", "+15559999999");
+        for method in ["get", "post", "put", "patch", "delete"] {
+            let body = matches!(method, "post" | "put" | "patch").then(|| json!({}));
+            let r = api.call(&method.to_uppercase(), &concrete, &op, body);
+            if item.get(method).is_some() {
+                assert_ne!(r.status, 405, "{method} {path} is documented: {}", r.text);
+                assert_ne!(
+                    r.json["error"]["message"], "no such resource",
+                    "{method} {path} is documented but not routed"
+                );
+            } else {
+                assert_eq!(
+                    r.status, 405,
+                    "{method} {path} is not documented: {}",
+                    r.text
+                );
+                assert_eq!(r.code(), "method_not_allowed");
+            }
+        }
+    }
+}

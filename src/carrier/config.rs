@@ -643,6 +643,17 @@ mod tests {
             ),
             ("dns_servers = [\"ns1\"]\n", "dns_servers"),
             ("name = \"trunk 1\"\n", "name"),
+            ("api_listen = \"192.0.2.1:8080\"\n", "api_listen"),
+            ("api_listen = \"localhost\"\n", "api_listen"),
+            ("api_tls_certificate = \"/x.pem\"\n", "api_tls_certificate"),
+            (
+                "failover_number_prefixes = [\"44\"]\n",
+                "failover_number_prefixes",
+            ),
+            (
+                "failover_number_prefixes = [\"+4a\"]\n",
+                "failover_number_prefixes",
+            ),
             (
                 "sip_listen = [\"udp:127.0.0.10:5060\"]\n\
                  [[carrier.peers]]\nname = \"other\"\nuri = \"sip:127.0.0.10:5060\"\n",

@@ -9,6 +9,7 @@
 //! that made it and the object before and after.
 
 pub mod error;
+pub mod openapi;
 mod resources;
 
 use std::net::SocketAddr;
@@ -66,7 +67,18 @@ pub fn router(state: ApiState) -> Router {
             "/v1/dids/{number}",
             get(get_did).patch(update_did).delete(delete_did),
         )
+        .route(
+            "/v1/openapi.json",
+            get(|| async { axum::Json(openapi::document()) }),
+        )
         .fallback(|| async { ApiError::not_found("resource") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this resource does not take that method",
+            )
+        })
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }
