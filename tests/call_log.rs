@@ -1,8 +1,10 @@
 //! `lifeline-carrier calls` end to end: records written through the library, listed by the
 //! real binary.
 
+mod common;
+
+use common::{Output, run_carrier};
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use lifeline::carrier::call_log::{CALLS_FILE, CallLog};
@@ -14,26 +16,11 @@ const KEEP: Duration = Duration::from_secs(100 * 365 * 86_400);
 /// 2023-11-14T22:13:20Z.
 const T0: i64 = 1_700_000_000_000;
 
-struct Output {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
 fn calls(data_dir: &Path, args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_lifeline-carrier"))
-        .arg("--data-dir")
-        .arg(data_dir)
-        .arg("calls")
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("runs lifeline-carrier");
-    Output {
-        code: out.status.code().expect("exits"),
-        stdout: String::from_utf8(out.stdout).expect("utf-8 stdout"),
-        stderr: String::from_utf8(out.stderr).expect("utf-8 stderr"),
-    }
+    let args: Vec<&str> = std::iter::once("calls")
+        .chain(args.iter().copied())
+        .collect();
+    run_carrier(data_dir, &args)
 }
 
 fn ok(data_dir: &Path, args: &[&str]) -> String {

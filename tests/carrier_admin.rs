@@ -1,28 +1,15 @@
 //! `lifeline-carrier admin …` end to end: the real binary against a store in a temp folder.
 
-use std::path::Path;
-use std::process::Command;
+mod common;
 
-struct Output {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
+use common::{Output, run_carrier};
+use std::path::Path;
 
 fn admin(data_dir: &Path, args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_lifeline-carrier"))
-        .arg("--data-dir")
-        .arg(data_dir)
-        .arg("admin")
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("runs lifeline-carrier");
-    Output {
-        code: out.status.code().expect("exits"),
-        stdout: String::from_utf8(out.stdout).expect("utf-8 stdout"),
-        stderr: String::from_utf8(out.stderr).expect("utf-8 stderr"),
-    }
+    let args: Vec<&str> = std::iter::once("admin")
+        .chain(args.iter().copied())
+        .collect();
+    run_carrier(data_dir, &args)
 }
 
 fn ok(data_dir: &Path, args: &[&str]) -> String {

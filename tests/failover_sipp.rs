@@ -768,19 +768,11 @@ fn row11_failover_pbx_fqdn_tries_every_srv_target() {
 /// code, standard output, standard error).
 fn carrier_cmd(carrier: &Carrier, args: &[&str]) -> (i32, String, String) {
     let dir = carrier.dir.path();
-    let out = std::process::Command::new(common::carrier_bin())
-        .args(args)
-        .arg("--config")
-        .arg(dir.join("carrier.toml"))
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let config = dir.join("carrier.toml");
+    let mut all = vec!["--config", config.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = common::run_carrier(&dir.join("data"), &all);
+    (out.code, out.stdout, out.stderr)
 }
 
 /// The record of a call lists each target tried with its outcome, and what the caller got

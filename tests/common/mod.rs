@@ -110,6 +110,29 @@ pub fn with_free_api_port(config: &str) -> String {
     }
 }
 
+/// What a command-line run of `lifeline-carrier` printed, and its exit code.
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `lifeline-carrier --data-dir DATA_DIR ARGS…` (with `RUST_LOG` unset).
+pub fn run_carrier(data_dir: &Path, args: &[&str]) -> Output {
+    let out = Command::new(carrier_bin())
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("runs lifeline-carrier");
+    Output {
+        code: out.status.code().expect("exits"),
+        stdout: String::from_utf8(out.stdout).expect("utf-8 stdout"),
+        stderr: String::from_utf8(out.stderr).expect("utf-8 stderr"),
+    }
+}
+
 /// Runs `lifeline-carrier admin ARGS` on the data folder `dir/data` and returns its standard
 /// output; panics with its error output when it fails.
 pub fn admin(dir: &Path, args: &[&str]) -> String {
