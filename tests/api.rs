@@ -574,3 +574,114 @@ fn openapi_document_matches_the_server() {
         }
     }
 }
+
+/// Status: where a trunk group is registered now (the presence this server writes when its
+/// registrations change), its last health report, and the warning when failover is configured
+/// but the PBX is not registered on every trunk server.
+#[test]
+fn status_presence_health_and_the_single_registration_warning() {
+    use common::sipp::{PASSWORD, Scenario, ok, register_xml, spawn_sipp};
+    let ip = "127.0.110.4";
+    let c = start_carrier(
+        &format!(
+            "[carrier]\nname = \"trunk1\"\nsip_listen = [\"udp:{ip}:0\"]\napi_listen = \"{ip}:0\"\n\
+             bindings_flush_ms = 50\nconfig_poll_ms = 50\nfailover_number_prefixes = [\"+1555\"]\n\
+             [[carrier.peers]]\nname = \"trunk1\"\nuri = \"sip:{ip}:5060\"\n\
+             [[carrier.peers]]\nname = \"trunk2\"\nuri = \"sip:127.0.110.5:5060\"\n"
+        ),
+        1,
+    );
+    let api = Api { addr: c.api_addr() };
+    let op = operator_token(&c);
+    let (_a, ta) = account(&api, &op, "acme");
+    let r = api.post(
+        "/v1/trunk-groups",
+        &ta,
+        json!({"name": "main", "username": "acme-main", "password": PASSWORD}),
+    );
+    expect(&r, 201);
+    let g = r.json["id"].as_i64().unwrap();
+    let status = |api: &Api| api.get(&format!("/v1/trunk-groups/{g}/status"), &ta).json;
+    let s = status(&api);
+    assert_eq!(s["registered_on"], json!([]));
+    assert_eq!(s["trunk_servers"], json!(["trunk1", "trunk2"]));
+    assert!(
+        s["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("no trunk server"),
+        "{s}"
+    );
+
+    // The PBX registers here (SIPp with digest), once the SIP side has the new trunk group
+    // (it polls the store every config_poll_ms).
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let run = spawn_sipp(
+        "127.0.110.6",
+        0,
+        Some(c.addr("udp").to_string()),
+        Scenario::Xml(register_xml(
+            "acme-main",
+            "<sip:acme-main@127.0.110.6:5071>",
+        )),
+        &["-au", "acme-main", "-ap", PASSWORD],
+    )
+    .wait();
+    ok(run, "REGISTER", &c);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let s = loop {
+        let s = status(&api);
+        if s["registered_on"] == json!(["trunk1"]) {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never registered: {s}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(s["servers"][0]["contacts"], 1);
+    // No failover: registered on one server only is fine.
+    assert_eq!(s["warnings"], json!([]), "{s}");
+    // With failover configured, the single registration is a warning naming trunk2.
+    let r = api.call(
+        "PATCH",
+        &format!("/v1/trunk-groups/{g}"),
+        &ta,
+        Some(json!({"failover_number": "+15550000001"})),
+    );
+    expect(&r, 200);
+    let s = status(&api);
+    assert_eq!(s["failover_configured"], true);
+    let w = s["warnings"][0].as_str().unwrap_or("");
+    assert!(w.contains("1 of 2") && w.contains("trunk2"), "{s}");
+
+    // A health report from the group's own token (an agent's) is kept and shown.
+    let r = api.post("/v1/tokens", &ta, json!({"scope": {"trunk_group": g}}));
+    let agent = r.json["token"].as_str().unwrap().to_string();
+    let report = json!({"pbx": "up", "version": "0.1.0",
+                        "servers": {"trunk1": {"registered": true, "expires_in": 290}, "trunk2": {"registered": false, "last_error": "timeout"}}});
+    expect(
+        &api.post(
+            &format!("/v1/trunk-groups/{g}/health"),
+            &agent,
+            report.clone(),
+        ),
+        204,
+    );
+    let r = api.post(
+        &format!("/v1/trunk-groups/{g}/health"),
+        &agent,
+        json!({"pbx": "sideways", "version": "1"}),
+    );
+    assert_eq!((r.status, r.code()), (422, "invalid_body"));
+    let s = api
+        .get(&format!("/v1/trunk-groups/{g}/status"), &agent)
+        .json;
+    assert_eq!(s["last_health"]["report"]["pbx"], "up");
+    assert_eq!(
+        s["last_health"]["report"]["servers"]["trunk2"]["last_error"],
+        "timeout"
+    );
+    assert!(s["last_health"]["received_at_ms"].as_i64().unwrap() > 0);
+}

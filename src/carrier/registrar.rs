@@ -76,6 +76,8 @@ pub struct Registrar {
     bindings: HashMap<TrunkGroupId, Vec<Entry>>,
     store: BindingStore,
     throttle: Throttle,
+    /// Trunk groups whose number of bindings changed (see `take_presence_changes`).
+    presence_changed: Vec<TrunkGroupId>,
 }
 
 /// Wall-clock milliseconds since the Unix epoch (binding expiry survives restarts).
@@ -114,6 +116,7 @@ impl Registrar {
             bindings,
             store,
             throttle: Throttle::default(),
+            presence_changed: Vec::new(),
         }
     }
 
@@ -164,7 +167,10 @@ impl Registrar {
     /// Drops expired bindings (memory and file).
     pub fn expire(&mut self, now_ms: i64) {
         let store = &self.store;
-        self.bindings.retain(|_, entries| {
+        let mut changed = Vec::new();
+        let mut expired_groups = Vec::new();
+        self.bindings.retain(|group, entries| {
+            let before = entries.len();
             entries.retain(|e| {
                 let live = e.binding.expires_at_ms > now_ms;
                 if !live {
@@ -172,8 +178,39 @@ impl Registrar {
                 }
                 live
             });
+            if entries.len() != before
+                && let Some(e) = entries.first()
+            {
+                changed.push(e.binding.trunk_group);
+            }
+            if entries.is_empty() {
+                expired_groups.push(*group);
+            }
             !entries.is_empty()
         });
+        self.presence_changed.extend(changed);
+        self.presence_changed.extend(expired_groups);
+    }
+
+    /// The trunk groups whose number of bindings changed since the last call, with their
+    /// live count now (for the presence rows of the shared store).
+    pub fn take_presence_changes(&mut self, now_ms: i64) -> Vec<(TrunkGroupId, usize)> {
+        let mut groups = std::mem::take(&mut self.presence_changed);
+        groups.sort_unstable();
+        groups.dedup();
+        groups
+            .into_iter()
+            .map(|g| (g, self.contacts(g, now_ms).len()))
+            .collect()
+    }
+
+    /// Every trunk group with live bindings and how many.
+    pub fn presence(&self, now_ms: i64) -> Vec<(TrunkGroupId, usize)> {
+        self.bindings
+            .keys()
+            .map(|&g| (g, self.contacts(g, now_ms).len()))
+            .filter(|&(_, n)| n > 0)
+            .collect()
     }
 
     /// Writes everything pending to the bindings file.
@@ -432,6 +469,7 @@ impl Registrar {
                 bindings = next.len(),
                 "bindings changed"
             );
+            self.presence_changed.push(group);
         }
         if next.is_empty() {
             self.bindings.remove(&group);

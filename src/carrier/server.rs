@@ -141,6 +141,14 @@ pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
     .await?;
     let auth = Authenticator::new(Duration::from_secs(settings.raw.nonce_lifetime_s));
     let registrar = Registrar::new(settings.registrar.clone(), auth, bindings, loaded);
+    let presence = presence_writer(store_for_api.clone(), settings.raw.name.clone());
+    let now_ms = unix_ms(SystemTime::now());
+    if let Err(e) = store_for_api
+        .reset_presence(&settings.raw.name, &registrar.presence(now_ms), now_ms)
+        .await
+    {
+        warn!(error = %e, "presence not written");
+    }
     let (transport, incoming) =
         SipTransport::bind(&settings.listen, tls, settings.transport.clone())
             .await
@@ -164,6 +172,7 @@ pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
         customers,
         proxy: Proxy::new(settings.proxy.clone(), dialog_key, bound.clone()),
         prober: Prober::new(settings.probe),
+        presence,
         call_log,
         resolver: dns_resolver(&settings.proxy.dns_servers),
         resolved: mpsc::unbounded_channel(),
@@ -180,6 +189,27 @@ pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
     })
 }
 
+/// The task that writes this server's presence rows (which trunk groups hold live bindings
+/// here) to the store, off the SIP service loop; a failed write is logged and the next change
+/// writes the group again.
+fn presence_writer(
+    store: Store,
+    server: String,
+) -> mpsc::UnboundedSender<Vec<(TrunkGroupId, usize)>> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<(TrunkGroupId, usize)>>();
+    tokio::spawn(async move {
+        while let Some(changes) = rx.recv().await {
+            for (group, contacts) in changes {
+                let now_ms = unix_ms(SystemTime::now());
+                if let Err(e) = store.set_presence(&server, group, contacts, now_ms).await {
+                    warn!(trunk_group = group, error = %e, "presence not written");
+                }
+            }
+        }
+    });
+    tx
+}
+
 /// Binds and starts the provisioning API when the configuration has one.
 async fn start_api(
     settings: &Settings,
@@ -192,6 +222,18 @@ async fn start_api(
         store,
         realm: settings.raw.realm.clone(),
         failover_prefixes: Arc::new(settings.raw.failover_number_prefixes.clone()),
+        trunk_servers: Arc::new({
+            let mut names: Vec<String> = settings
+                .proxy
+                .peers
+                .iter()
+                .map(|p| p.name.clone())
+                .collect();
+            if !names.contains(&settings.raw.name) {
+                names.insert(0, settings.raw.name.clone());
+            }
+            names
+        }),
     };
     let bind_error = |e: io::Error| {
         StartError::Bind(io::Error::new(
@@ -235,6 +277,8 @@ struct Service {
     customers: watch::Receiver<Arc<Customers>>,
     proxy: Proxy,
     prober: Prober,
+    /// Where changes of this server's registrations per trunk group go (the store's presence).
+    presence: mpsc::UnboundedSender<Vec<(TrunkGroupId, usize)>>,
     /// Where the record of every call goes.
     call_log: CallLog,
     /// RFC 3263 lookups of failover PBXs given by name; `None` when no DNS is configured.
@@ -360,6 +404,12 @@ impl Service {
             }
             while let Some(record) = self.proxy.poll_record() {
                 self.call_log.record(record);
+            }
+            let changes = self
+                .registrar
+                .take_presence_changes(unix_ms(SystemTime::now()));
+            if !changes.is_empty() {
+                let _ = self.presence.send(changes);
             }
             if failed.is_empty() {
                 break;

@@ -861,6 +861,9 @@ pub struct Store {
     path: PathBuf,
 }
 
+/// How many health reports are kept per trunk group.
+pub const HEALTH_REPORTS_KEPT: i64 = 20;
+
 impl Store {
     /// Opens `<data_dir>/store.sqlite3`, creating the folder, the file and the schema if
     /// absent and applying any newer migrations.
@@ -1714,6 +1717,126 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         Ok(entries)
+    }
+
+    // --- presence and health (not configuration) ---
+
+    /// Records how many live bindings `trunk_group` has on `server` (0 removes the row).
+    pub async fn set_presence(
+        &self,
+        server: &str,
+        trunk_group: TrunkGroupId,
+        contacts: usize,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        if contacts == 0 {
+            sqlx::query("DELETE FROM presence WHERE server = ? AND trunk_group_id = ?")
+                .bind(server)
+                .bind(trunk_group)
+                .execute(&self.pool)
+                .await?;
+        } else {
+            sqlx::query(
+                "INSERT INTO presence (server, trunk_group_id, contacts, updated_at_ms) \
+                 VALUES (?, ?, ?, ?) ON CONFLICT (server, trunk_group_id) \
+                 DO UPDATE SET contacts = excluded.contacts, updated_at_ms = excluded.updated_at_ms",
+            )
+            .bind(server)
+            .bind(trunk_group)
+            .bind(contacts as i64)
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Replaces all of `server`'s presence rows (at start: what it loaded).
+    pub async fn reset_presence(
+        &self,
+        server: &str,
+        groups: &[(TrunkGroupId, usize)],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM presence WHERE server = ?")
+            .bind(server)
+            .execute(&mut *tx)
+            .await?;
+        for &(group, contacts) in groups.iter().filter(|(_, n)| *n > 0) {
+            sqlx::query(
+                "INSERT INTO presence (server, trunk_group_id, contacts, updated_at_ms) \
+                 VALUES (?, ?, ?, ?)",
+            )
+            .bind(server)
+            .bind(group)
+            .bind(contacts as i64)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The servers holding live bindings of `trunk_group`: (server, contacts, updated_at_ms),
+    /// by server name.
+    pub async fn presence(
+        &self,
+        trunk_group: TrunkGroupId,
+    ) -> Result<Vec<(String, i64, i64)>, StoreError> {
+        let rows = sqlx::query_as(
+            "SELECT server, contacts, updated_at_ms FROM presence \
+             WHERE trunk_group_id = ? ORDER BY server",
+        )
+        .bind(trunk_group)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    /// Keeps an agent's health report (JSON text) with the time received; only the newest
+    /// [`HEALTH_REPORTS_KEPT`] per trunk group stay.
+    pub async fn add_health_report(
+        &self,
+        trunk_group: TrunkGroupId,
+        report: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO health_reports (trunk_group_id, received_at_ms, report) VALUES (?, ?, ?)",
+        )
+        .bind(trunk_group)
+        .bind(now_ms)
+        .bind(report)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM health_reports WHERE trunk_group_id = ?1 AND id NOT IN \
+             (SELECT id FROM health_reports WHERE trunk_group_id = ?1 ORDER BY id DESC LIMIT ?2)",
+        )
+        .bind(trunk_group)
+        .bind(HEALTH_REPORTS_KEPT)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The newest health report of `trunk_group`: (received_at_ms, JSON text).
+    pub async fn last_health_report(
+        &self,
+        trunk_group: TrunkGroupId,
+    ) -> Result<Option<(i64, String)>, StoreError> {
+        let row = sqlx::query_as(
+            "SELECT received_at_ms, report FROM health_reports WHERE trunk_group_id = ? \
+             ORDER BY id DESC LIMIT 1",
+        )
+        .bind(trunk_group)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row)
     }
 }
 

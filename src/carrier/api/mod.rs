@@ -37,6 +37,8 @@ pub struct ApiState {
     pub realm: String,
     /// E.164 prefixes failover numbers must start with (toll-fraud protection).
     pub failover_prefixes: Arc<Vec<String>>,
+    /// The trunk servers, by name (this one and its peers): a PBX should be registered on all.
+    pub trunk_servers: Arc<Vec<String>>,
 }
 
 /// The `/v1` routes.
@@ -62,6 +64,8 @@ pub fn router(state: ApiState) -> Router {
             "/v1/trunk-groups/{id}/failover",
             get(get_failover).put(put_failover),
         )
+        .route("/v1/trunk-groups/{id}/health", post(post_health))
+        .route("/v1/trunk-groups/{id}/status", get(get_status))
         .route("/v1/dids", post(create_did).get(list_dids))
         .route(
             "/v1/dids/{number}",

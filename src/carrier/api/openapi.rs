@@ -91,6 +91,14 @@ pub fn document() -> Value {
                 "get": {"summary": "The trunk group's whole failover plan", "responses": ok("200", r("FailoverPlan"), &["401", "404"])},
                 "put": {"summary": "Replace the whole failover plan in one write (DIDs left out lose their own number)", "requestBody": body("FailoverPlan"), "responses": ok("200", r("FailoverPlan"), &["401", "404", "422"])}
             },
+            "/v1/trunk-groups/{id}/health": {
+                "parameters": id("id"),
+                "post": {"summary": "An agent's health report, kept with the time received", "requestBody": body("HealthReport"), "responses": empty(&["401", "404", "422"])}
+            },
+            "/v1/trunk-groups/{id}/status": {
+                "parameters": id("id"),
+                "get": {"summary": "Where the group is registered now, its last health report, and warnings (failover configured but not registered on every trunk server)", "responses": ok("200", r("Status"), &["401", "404"])}
+            },
             "/v1/dids": {
                 "get": {
                     "summary": "The DIDs this token sees",
@@ -111,50 +119,69 @@ pub fn document() -> Value {
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {
-                "Error": {"type": "object", "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
-                    "code": {"type": "string"}, "message": {"type": "string"}, "field": {"type": "string"}}}}},
-                "Account": {"type": "object", "properties": {"id": {"type": "integer"}, "name": {"type": "string"}, "created_at": {"type": "integer", "description": "Unix seconds"}}},
-                "NewAccount": {"type": "object", "additionalProperties": false, "required": ["name"], "properties": {"name": {"type": "string"}}},
-                "Scope": {"oneOf": [
-                    {"const": "operator"},
-                    {"type": "object", "additionalProperties": false, "required": ["account"], "properties": {"account": {"type": "integer"}}},
-                    {"type": "object", "additionalProperties": false, "required": ["trunk_group"], "properties": {"trunk_group": {"type": "integer"}}}
-                ]},
-                "Token": {"type": "object", "properties": {"id": {"type": "integer"}, "scope": r("Scope"), "label": {"type": "string"}, "created_at": {"type": "integer"}, "revoked_at": {"type": ["integer", "null"]}}},
-                "NewTokenAnswer": {"type": "object", "properties": {"id": {"type": "integer"}, "scope": r("Scope"), "label": {"type": "string"}, "created_at": {"type": "integer"}, "revoked_at": {"type": ["integer", "null"]}, "token": {"type": "string", "description": "the secret, shown only here"}}},
-                "NewToken": {"type": "object", "additionalProperties": false, "required": ["scope"], "properties": {"scope": r("Scope"), "label": {"type": "string"}}},
-                "FailoverPbx": {"oneOf": [
-                    {"type": "object", "additionalProperties": false, "required": ["uri"], "properties": {"uri": {"type": "string", "description": "sip: or sips: URI, IP address or FQDN (RFC 3263)"}}},
-                    {"type": "object", "additionalProperties": false, "required": ["trunk_group"], "properties": {"trunk_group": {"type": "integer", "description": "another trunk group of the same account"}}}
-                ]},
-                "TrunkGroup": {"type": "object", "properties": {
-                    "id": {"type": "integer"}, "account_id": {"type": "integer"}, "name": {"type": "string"},
-                    "username": {"type": "string"}, "realm": {"type": "string"},
-                    "failover_number": {"type": ["string", "null"], "description": "global failover number, E.164"},
-                    "failover_pbx": {"oneOf": [r("FailoverPbx"), {"type": "null"}]},
-                    "created_at": {"type": "integer"}}},
-                "NewTrunkGroup": {"type": "object", "additionalProperties": false, "required": ["name", "username", "password"], "properties": {
-                    "account_id": {"type": "integer", "description": "required for the operator"},
-                    "name": {"type": "string"}, "username": {"type": "string"}, "password": {"type": "string", "writeOnly": true},
-                    "failover_number": {"type": "string"}, "failover_pbx": r("FailoverPbx")}},
-                "TrunkGroupPatch": {"type": "object", "additionalProperties": false, "properties": {
-                    "password": {"type": "string", "writeOnly": true},
-                    "failover_number": {"type": ["string", "null"]},
-                    "failover_pbx": {"oneOf": [r("FailoverPbx"), {"type": "null"}]}}},
-                "FailoverPlan": {"type": "object", "additionalProperties": false, "properties": {
-                    "global_number": {"type": ["string", "null"]},
-                    "pbx": {"oneOf": [r("FailoverPbx"), {"type": "null"}]},
-                    "dids": {"type": "object", "additionalProperties": {"type": "string"}, "description": "DID -> its own failover number"}}},
-                "Did": {"type": "object", "properties": {"number": {"type": "string"}, "trunk_group": {"type": "integer"}, "failover_number": {"type": ["string", "null"]}, "created_at": {"type": "integer"}}},
-                "NewDid": {"type": "object", "additionalProperties": false, "required": ["number", "trunk_group"], "properties": {"number": {"type": "string"}, "trunk_group": {"type": "integer"}, "failover_number": {"type": "string"}}},
-                "DidPatch": {"type": "object", "additionalProperties": false, "properties": {"failover_number": {"type": ["string", "null"]}}},
-                "AuditEntry": {"type": "object", "properties": {
-                    "id": {"type": "integer"}, "at_ms": {"type": "integer"}, "token": {"type": ["integer", "null"]},
-                    "action": {"type": "string"}, "object": {"type": "string"},
-                    "before": {"description": "the object before, as the API shows it"}, "after": {"description": "the object after"}}}
-            }
+            "schemas": schemas()
         }
+    })
+}
+
+/// The component schemas (a second `json!`: one would exceed the macro recursion limit).
+fn schemas() -> Value {
+    let r = |schema: &str| json!({"$ref": format!("#/components/schemas/{schema}")});
+    json!({
+        "Error": {"type": "object", "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
+            "code": {"type": "string"}, "message": {"type": "string"}, "field": {"type": "string"}}}}},
+        "Account": {"type": "object", "properties": {"id": {"type": "integer"}, "name": {"type": "string"}, "created_at": {"type": "integer", "description": "Unix seconds"}}},
+        "NewAccount": {"type": "object", "additionalProperties": false, "required": ["name"], "properties": {"name": {"type": "string"}}},
+        "Scope": {"oneOf": [
+            {"const": "operator"},
+            {"type": "object", "additionalProperties": false, "required": ["account"], "properties": {"account": {"type": "integer"}}},
+            {"type": "object", "additionalProperties": false, "required": ["trunk_group"], "properties": {"trunk_group": {"type": "integer"}}}
+        ]},
+        "Token": {"type": "object", "properties": {"id": {"type": "integer"}, "scope": r("Scope"), "label": {"type": "string"}, "created_at": {"type": "integer"}, "revoked_at": {"type": ["integer", "null"]}}},
+        "NewTokenAnswer": {"type": "object", "properties": {"id": {"type": "integer"}, "scope": r("Scope"), "label": {"type": "string"}, "created_at": {"type": "integer"}, "revoked_at": {"type": ["integer", "null"]}, "token": {"type": "string", "description": "the secret, shown only here"}}},
+        "NewToken": {"type": "object", "additionalProperties": false, "required": ["scope"], "properties": {"scope": r("Scope"), "label": {"type": "string"}}},
+        "FailoverPbx": {"oneOf": [
+            {"type": "object", "additionalProperties": false, "required": ["uri"], "properties": {"uri": {"type": "string", "description": "sip: or sips: URI, IP address or FQDN (RFC 3263)"}}},
+            {"type": "object", "additionalProperties": false, "required": ["trunk_group"], "properties": {"trunk_group": {"type": "integer", "description": "another trunk group of the same account"}}}
+        ]},
+        "TrunkGroup": {"type": "object", "properties": {
+            "id": {"type": "integer"}, "account_id": {"type": "integer"}, "name": {"type": "string"},
+            "username": {"type": "string"}, "realm": {"type": "string"},
+            "failover_number": {"type": ["string", "null"], "description": "global failover number, E.164"},
+            "failover_pbx": {"oneOf": [r("FailoverPbx"), {"type": "null"}]},
+            "created_at": {"type": "integer"}}},
+        "NewTrunkGroup": {"type": "object", "additionalProperties": false, "required": ["name", "username", "password"], "properties": {
+            "account_id": {"type": "integer", "description": "required for the operator"},
+            "name": {"type": "string"}, "username": {"type": "string"}, "password": {"type": "string", "writeOnly": true},
+            "failover_number": {"type": "string"}, "failover_pbx": r("FailoverPbx")}},
+        "TrunkGroupPatch": {"type": "object", "additionalProperties": false, "properties": {
+            "password": {"type": "string", "writeOnly": true},
+            "failover_number": {"type": ["string", "null"]},
+            "failover_pbx": {"oneOf": [r("FailoverPbx"), {"type": "null"}]}}},
+        "FailoverPlan": {"type": "object", "additionalProperties": false, "properties": {
+            "global_number": {"type": ["string", "null"]},
+            "pbx": {"oneOf": [r("FailoverPbx"), {"type": "null"}]},
+            "dids": {"type": "object", "additionalProperties": {"type": "string"}, "description": "DID -> its own failover number"}}},
+        "Did": {"type": "object", "properties": {"number": {"type": "string"}, "trunk_group": {"type": "integer"}, "failover_number": {"type": ["string", "null"]}, "created_at": {"type": "integer"}}},
+        "NewDid": {"type": "object", "additionalProperties": false, "required": ["number", "trunk_group"], "properties": {"number": {"type": "string"}, "trunk_group": {"type": "integer"}, "failover_number": {"type": "string"}}},
+        "DidPatch": {"type": "object", "additionalProperties": false, "properties": {"failover_number": {"type": ["string", "null"]}}},
+        "HealthReport": {"type": "object", "additionalProperties": false, "required": ["pbx", "version"], "properties": {
+            "pbx": {"enum": ["up", "down", "unknown"]},
+            "servers": {"type": "object", "additionalProperties": {"type": "object", "additionalProperties": false, "required": ["registered"], "properties": {
+                "registered": {"type": "boolean"}, "expires_in": {"type": ["integer", "null"]}, "last_error": {"type": ["string", "null"]}}}},
+            "version": {"type": "string"}}},
+        "Status": {"type": "object", "properties": {
+            "trunk_group": {"type": "integer"},
+            "trunk_servers": {"type": "array", "items": {"type": "string"}},
+            "registered_on": {"type": "array", "items": {"type": "string"}},
+            "servers": {"type": "array", "items": {"type": "object", "properties": {"server": {"type": "string"}, "contacts": {"type": "integer"}, "updated_at_ms": {"type": "integer"}}}},
+            "failover_configured": {"type": "boolean"},
+            "last_health": {"oneOf": [{"type": "null"}, {"type": "object", "properties": {"received_at_ms": {"type": "integer"}, "report": r("HealthReport")}}]},
+            "warnings": {"type": "array", "items": {"type": "string"}}}},
+        "AuditEntry": {"type": "object", "properties": {
+            "id": {"type": "integer"}, "at_ms": {"type": "integer"}, "token": {"type": ["integer", "null"]},
+            "action": {"type": "string"}, "object": {"type": "string"},
+            "before": {"description": "the object before, as the API shows it"}, "after": {"description": "the object after"}}}
     })
 }
 

@@ -1138,3 +1138,140 @@ pub async fn delete_did(
     .await;
     Ok(StatusCode::NO_CONTENT)
 }
+
+// === Health and status ===
+
+/// What an agent reports.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthReport {
+    /// The PBX as the agent sees it.
+    pbx: PbxState,
+    /// Per trunk server (by name), the agent's registration there.
+    #[serde(default)]
+    servers: BTreeMap<String, ServerRegistration>,
+    /// The agent's version.
+    version: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PbxState {
+    Up,
+    Down,
+    Unknown,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerRegistration {
+    registered: bool,
+    #[serde(default)]
+    expires_in: Option<u32>,
+    #[serde(default)]
+    last_error: Option<String>,
+}
+
+pub async fn post_health(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<TrunkGroupId>,
+    Body(report): Body<HealthReport>,
+) -> Result<StatusCode> {
+    visible_group(&state, &caller, id).await?;
+    if report.version.len() > 100 || report.servers.len() > 32 {
+        return Err(ApiError::invalid("version", "invalid_report", "too long"));
+    }
+    let now_ms = crate::carrier::registrar::unix_ms(std::time::SystemTime::now());
+    state
+        .store
+        .add_health_report(id, &to_json(&report), now_ms)
+        .await
+        .map_err(|e| ApiError::store(e, ""))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize)]
+pub struct ServerPresence {
+    server: String,
+    contacts: i64,
+    updated_at_ms: i64,
+}
+
+#[derive(Serialize)]
+pub struct LastHealth {
+    received_at_ms: i64,
+    report: serde_json::Value,
+}
+
+#[derive(Serialize)]
+pub struct StatusView {
+    trunk_group: TrunkGroupId,
+    /// The trunk servers this carrier knows (this one and its peers).
+    trunk_servers: Vec<String>,
+    /// Those of them holding live registrations of the group right now.
+    registered_on: Vec<String>,
+    servers: Vec<ServerPresence>,
+    failover_configured: bool,
+    last_health: Option<LastHealth>,
+    warnings: Vec<String>,
+}
+
+pub async fn get_status(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<TrunkGroupId>,
+) -> Result<Json<StatusView>> {
+    visible_group(&state, &caller, id).await?;
+    let store_err = |e| ApiError::store(e, "");
+    let presence = state.store.presence(id).await.map_err(store_err)?;
+    let plan = state.store.failover_plan(id).await.map_err(store_err)?;
+    let health = state
+        .store
+        .last_health_report(id)
+        .await
+        .map_err(store_err)?;
+    let failover_configured =
+        plan.global_number.is_some() || plan.pbx.is_some() || !plan.dids.is_empty();
+    let registered_on: Vec<String> = presence.iter().map(|(s, _, _)| s.clone()).collect();
+    let missing: Vec<&String> = state
+        .trunk_servers
+        .iter()
+        .filter(|s| !registered_on.contains(s))
+        .collect();
+    let mut warnings = Vec::new();
+    if registered_on.is_empty() {
+        warnings.push("the PBX is registered on no trunk server".to_string());
+    } else if failover_configured && !missing.is_empty() {
+        warnings.push(format!(
+            "failover is configured but the PBX is registered on {} of {} trunk servers: \
+             calls arriving at {} fail over although the PBX is up",
+            registered_on.len(),
+            state.trunk_servers.len(),
+            missing
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    Ok(Json(StatusView {
+        trunk_group: id,
+        trunk_servers: state.trunk_servers.to_vec(),
+        registered_on,
+        servers: presence
+            .into_iter()
+            .map(|(server, contacts, updated_at_ms)| ServerPresence {
+                server,
+                contacts,
+                updated_at_ms,
+            })
+            .collect(),
+        failover_configured,
+        last_health: health.map(|(received_at_ms, text)| LastHealth {
+            received_at_ms,
+            report: serde_json::from_str(&text).unwrap_or_default(),
+        }),
+        warnings,
+    }))
+}
