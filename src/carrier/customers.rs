@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use super::delivery_rule::FailoverPbx;
 use super::delivery_rule::FailoverPlan;
 use super::store::{Did, Store, StoreError, TrunkGroup, TrunkGroupId};
 
@@ -73,6 +74,21 @@ impl Customers {
             did_number: did.failover_number.clone(),
             global_number: group.and_then(|g| g.failover_number.clone()),
             pbx: group.and_then(|g| g.failover_pbx.clone()),
+        }
+    }
+
+    /// The trunk group whose bindings are `did`'s failover PBX, if its failover PBX is a trunk
+    /// group of the same account (the store checks this when it is set; a group moved to
+    /// another account since is not delivered to).
+    pub fn failover_trunk_group(&self, did: &Did) -> Option<TrunkGroupId> {
+        let group = self.trunk_groups.get(&did.trunk_group_id)?;
+        match &group.failover_pbx {
+            Some(FailoverPbx::TrunkGroup(other)) => self
+                .trunk_groups
+                .get(other)
+                .filter(|o| o.account_id == group.account_id)
+                .map(|o| o.id),
+            _ => None,
         }
     }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use super::bindings::BindingStore;
 use super::config::Settings;
 use super::customers::Customers;
-use super::delivery_rule::{FailoverPbx, Stage, Target};
+use super::delivery_rule::{Stage, Target};
 use super::proxy::{CallSetup, plan_call};
 use super::registrar::{Registrar, unix_ms};
 use super::store::Store;
@@ -55,20 +55,10 @@ pub async fn explain(
     let group = customers.trunk_group(d.trunk_group_id);
     let failover = customers.failover(d);
     let contacts = registrar.contacts(d.trunk_group_id, now_ms);
-    let failover_contacts = match &failover.pbx {
-        Some(FailoverPbx::TrunkGroup(other)) => {
-            let same_account = customers
-                .trunk_group(*other)
-                .zip(group)
-                .is_some_and(|(o, g)| o.account_id == g.account_id);
-            if same_account {
-                registrar.contacts(*other, now_ms)
-            } else {
-                Vec::new()
-            }
-        }
-        _ => Vec::new(),
-    };
+    let failover_contacts = customers
+        .failover_trunk_group(d)
+        .map(|other| registrar.contacts(other, now_ms))
+        .unwrap_or_default();
     let plan = plan_call(
         &settings.proxy,
         &settings.listen,

@@ -132,20 +132,17 @@ impl Hop {
         let Some(ip) = uri.host.ip() else {
             return Err(format!("`{text}`: name the host by its IP address"));
         };
-        let transport = match uri
-            .params
-            .value("transport")
-            .map(|t| t.to_ascii_lowercase())
-        {
-            _ if uri.secure => {
+        let transport = match uri_transport(&uri) {
+            Some(t) => t,
+            None if uri.secure => {
                 return Err(format!(
                     "`{text}`: TLS towards other servers is not supported yet"
                 ));
             }
-            None => Transport::Udp,
-            Some(t) if t == "udp" => Transport::Udp,
-            Some(t) if t == "tcp" => Transport::Tcp,
-            Some(t) => return Err(format!("`{text}`: transport `{t}` is not supported")),
+            None => {
+                let t = uri.params.value("transport").unwrap_or_default();
+                return Err(format!("`{text}`: transport `{t}` is not supported"));
+            }
         };
         let addr = SocketAddr::new(ip, uri.port.unwrap_or(5060));
         Ok(Hop {
@@ -412,7 +409,7 @@ impl Proxy {
     ) {
         let targets: Vec<BranchTarget> = targets
             .into_iter()
-            .map(|(addr, transport)| self.target_at(uri.clone(), addr, transport))
+            .map(|(addr, transport)| target_at(&self.bound, uri.clone(), addr, transport))
             .collect();
         if let Some(call) = self.calls.get_mut(&id) {
             let span = call.span.clone();
@@ -428,10 +425,6 @@ impl Proxy {
             self.drive(now, tx, id, None);
         }
         self.sweep_call(id, tx);
-    }
-
-    fn target_at(&self, uri: SipUri, addr: SocketAddr, transport: Transport) -> BranchTarget {
-        target_at(&self.bound, uri, addr, transport)
     }
 
     /// The earliest delivery timer of any call.
@@ -603,39 +596,19 @@ impl Proxy {
                         c.delivery.attempts().get(branch.index()).map(|a| &a.target),
                         Some(Target::Binding(_) | Target::FailoverPbx(_))
                     );
-                    let event = match event {
-                        ClientEvent::Provisional(mut m) => {
-                            rewrite_record_route(&mut m, &self.bound, &self.dialog_key);
-                            ClientEvent::Provisional(m)
-                        }
-                        ClientEvent::Final(mut m) => {
-                            rewrite_record_route(&mut m, &self.bound, &self.dialog_key);
-                            ClientEvent::Final(m)
-                        }
-                        ClientEvent::Additional2xx(mut m) => {
-                            rewrite_record_route(&mut m, &self.bound, &self.dialog_key);
-                            ClientEvent::Additional2xx(m)
-                        }
-                        other => other,
-                    };
-                    let event = match event {
-                        ClientEvent::Provisional(mut m) if untrusted => {
+                    let (bound, key) = (&self.bound, &self.dialog_key);
+                    let prepare = |m: &mut Message| {
+                        rewrite_record_route(m, bound, key);
+                        if untrusted {
                             m.remove_headers(&pai_header());
-                            ClientEvent::Provisional(m)
                         }
-                        ClientEvent::Final(mut m) if untrusted => {
-                            m.remove_headers(&pai_header());
-                            ClientEvent::Final(m)
-                        }
-                        ClientEvent::Additional2xx(mut m) if untrusted => {
-                            m.remove_headers(&pai_header());
-                            ClientEvent::Additional2xx(m)
-                        }
-                        other => other,
                     };
                     match event {
-                        ClientEvent::Provisional(m) => {
+                        ClientEvent::Provisional(mut m) => {
                             let status = m.status().unwrap_or(100);
+                            if status > 100 {
+                                prepare(&mut m);
+                            }
                             if c.cancel_pending.remove(&branch) {
                                 match tx.cancel(now, id) {
                                     Ok(cid) => {
@@ -647,7 +620,8 @@ impl Proxy {
                             c.delivery.handle_response(now, branch, status);
                             current = Some(*m);
                         }
-                        ClientEvent::Final(m) | ClientEvent::Additional2xx(m) => {
+                        ClientEvent::Final(mut m) | ClientEvent::Additional2xx(mut m) => {
+                            prepare(&mut m);
                             let status = m.status().unwrap_or(500);
                             c.finals.insert(branch, (*m).clone());
                             c.delivery.handle_response(now, branch, status);
@@ -827,9 +801,9 @@ impl Proxy {
                 Action::Done(outcome) => {
                     let (outcome_s, target) = match &outcome {
                         DeliveryOutcome::Delivered { target, .. } => {
-                            ("delivered", describe(target))
+                            ("delivered", target.to_string())
                         }
-                        DeliveryOutcome::Reached { target, .. } => ("reached", describe(target)),
+                        DeliveryOutcome::Reached { target, .. } => ("reached", target.to_string()),
                         DeliveryOutcome::PassedToPeer { peer, .. } => {
                             ("passed to peer", peer.clone())
                         }
@@ -1199,15 +1173,9 @@ fn uri_transport(uri: &SipUri) -> Option<Transport> {
     if uri.secure {
         return None;
     }
-    match uri
-        .params
-        .value("transport")
-        .map(|t| t.to_ascii_lowercase())
-    {
+    match uri.params.value("transport") {
         None => Some(Transport::Udp),
-        Some(t) if t == "udp" => Some(Transport::Udp),
-        Some(t) if t == "tcp" => Some(Transport::Tcp),
-        Some(_) => None,
+        Some(t) => Transport::from_token(t).filter(|t| *t != Transport::Tls),
     }
 }
 
@@ -1429,10 +1397,6 @@ fn with_status(m: &Message, status: u16) -> Option<Message> {
     out.extend_from_slice(format!("SIP/2.0 {status} {}", reason(status)).as_bytes());
     out.extend_from_slice(&bytes[end..]);
     Message::parse(out.freeze()).ok()
-}
-
-fn describe(target: &Target<BranchTarget>) -> String {
-    target.to_string()
 }
 
 /// The reason phrase the proxy writes.

@@ -192,6 +192,13 @@ impl Registrar {
         self.presence_changed.extend(expired_groups);
     }
 
+    /// Whether some trunk group's number of bindings changed since the last
+    /// [`take_presence_changes`](Self::take_presence_changes) (cheap: asked on every turn of
+    /// the service loop).
+    pub fn presence_changed(&self) -> bool {
+        !self.presence_changed.is_empty()
+    }
+
     /// The trunk groups whose number of bindings changed since the last call, with their
     /// live count now (for the presence rows of the shared store).
     pub fn take_presence_changes(&mut self, now_ms: i64) -> Vec<(TrunkGroupId, usize)> {

@@ -25,7 +25,6 @@ use super::bindings::BindingStore;
 use super::call_log::CallLog;
 use super::config::Settings;
 use super::customers::{Customers, watch_customers};
-use super::delivery_rule::FailoverPbx;
 use super::probe::Prober;
 use super::proxy::{NewCall, Proxy, ResolveRequest, routed_through_us};
 use super::registrar::{Contact, Registrar, unix_ms};
@@ -405,10 +404,10 @@ impl Service {
             while let Some(record) = self.proxy.poll_record() {
                 self.call_log.record(record);
             }
-            let changes = self
-                .registrar
-                .take_presence_changes(unix_ms(SystemTime::now()));
-            if !changes.is_empty() {
+            if self.registrar.presence_changed() {
+                let changes = self
+                    .registrar
+                    .take_presence_changes(unix_ms(SystemTime::now()));
                 let _ = self.presence.send(changes);
             }
             if failed.is_empty() {
@@ -446,16 +445,10 @@ impl Service {
         tokio::spawn(async move {
             let uri = &request.uri;
             let host = uri.host.to_string();
-            let transport = match uri
+            let transport = uri
                 .params
                 .value("transport")
-                .map(|t| t.to_ascii_lowercase())
-            {
-                Some(t) if t == "udp" => Some(Transport::Udp),
-                Some(t) if t == "tcp" => Some(Transport::Tcp),
-                Some(t) if t == "tls" => Some(Transport::Tls),
-                _ => None,
-            };
+                .and_then(Transport::from_token);
             let lookup = Lookup {
                 host: &host,
                 port: uri.port,
@@ -779,22 +772,10 @@ impl Service {
         let now_ms = unix_ms(SystemTime::now());
         let contacts = self.usable_contacts(did.trunk_group_id, now_ms);
         let failover = customers.failover(did);
-        // A failover trunk group counts only within the same account (the store checks this
-        // when it is set; a group moved since is not delivered to).
-        let failover_contacts = match &failover.pbx {
-            Some(FailoverPbx::TrunkGroup(other)) => {
-                let same_account = customers
-                    .trunk_group(*other)
-                    .zip(customers.trunk_group(did.trunk_group_id))
-                    .is_some_and(|(o, g)| o.account_id == g.account_id);
-                if same_account {
-                    self.usable_contacts(*other, now_ms)
-                } else {
-                    Vec::new()
-                }
-            }
-            _ => Vec::new(),
-        };
+        let failover_contacts = customers
+            .failover_trunk_group(did)
+            .map(|other| self.usable_contacts(other, now_ms))
+            .unwrap_or_default();
         self.proxy.start_call(
             Instant::now(),
             &mut self.transactions,

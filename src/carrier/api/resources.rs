@@ -255,6 +255,16 @@ fn check_number(state: &ApiState, field: &str, number: &str) -> Result<String> {
     Ok(n)
 }
 
+/// A refused group-wide failover setting, named by the trunk group's field it came from.
+fn group_failover_error(e: StoreError) -> ApiError {
+    let field = if matches!(e, StoreError::InvalidNumber { .. }) {
+        "failover_number"
+    } else {
+        "failover_pbx"
+    };
+    ApiError::store(e, field)
+}
+
 /// The trunk group if the caller may see it, else 404.
 async fn visible_group(state: &ApiState, caller: &Caller, id: TrunkGroupId) -> Result<TrunkGroup> {
     match state.store.trunk_group(id).await {
@@ -656,19 +666,11 @@ pub async fn create_trunk_group(
         pbx: body.failover_pbx.clone().map(FailoverPbx::from),
         ..FailoverSettings::default()
     };
-    if plan.global_number.is_some() || plan.pbx.is_some() {
-        match state.store.set_failover_plan(group.id, &plan).await {
-            Ok(_) => {}
-            Err(e) => {
-                let _ = state.store.remove_trunk_group(group.id).await;
-                let field = if matches!(e, StoreError::InvalidNumber { .. }) {
-                    "failover_number"
-                } else {
-                    "failover_pbx"
-                };
-                return Err(ApiError::store(e, field));
-            }
-        }
+    if (plan.global_number.is_some() || plan.pbx.is_some())
+        && let Err(e) = state.store.set_failover_plan(group.id, &plan).await
+    {
+        let _ = state.store.remove_trunk_group(group.id).await;
+        return Err(group_failover_error(e));
     }
     let group = state
         .store
@@ -779,14 +781,7 @@ pub async fn update_trunk_group(
             .store
             .set_failover_plan(id, &plan)
             .await
-            .map_err(|e| {
-                let field = if matches!(e, StoreError::InvalidNumber { .. }) {
-                    "failover_number"
-                } else {
-                    "failover_pbx"
-                };
-                ApiError::store(e, field)
-            })?;
+            .map_err(group_failover_error)?;
     }
     if let Some(password) = &patch.password {
         state
