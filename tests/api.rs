@@ -1,21 +1,94 @@
 //! The provisioning API against a running `lifeline-carrier` on loopback (plain HTTP), driven by
 //! a hand-written HTTP client: every endpoint, the validation errors, the scopes, and that
-//! another account's objects are a 404 whatever the verb.
+//! another account's objects are a 404 whatever the verb. Every test runs twice, each on
+//! addresses of its own: on the embedded store and on PostgreSQL (a cluster of its own).
 
 mod common;
 
 use std::net::SocketAddr;
 
 use common::http::{Reply, request};
+use common::postgres::Postgres;
 use common::{Carrier, admin, start_carrier};
 use serde_json::json;
 
-/// A carrier whose API accepts failover numbers under +1555 and +44.
-fn carrier(ip: &str) -> Carrier {
+/// A test's addresses (`PREFIX.host`) and store: embedded, or its own PostgreSQL cluster.
+struct Net {
+    prefix: &'static str,
+    postgres: Option<Postgres>,
+}
+
+impl Net {
+    fn embedded(prefix: &'static str) -> Net {
+        Net {
+            prefix,
+            postgres: None,
+        }
+    }
+
+    /// PostgreSQL listens on `PREFIX.30`.
+    fn postgres(prefix: &'static str) -> Net {
+        let addr = format!("{prefix}.30").parse().unwrap();
+        Net {
+            prefix,
+            postgres: Some(Postgres::start(addr)),
+        }
+    }
+
+    fn ip(&self, host: u8) -> String {
+        format!("{}.{host}", self.prefix)
+    }
+
+    /// The `store_url` line for a carrier's `[carrier]` table (none: embedded).
+    fn store_line(&self) -> String {
+        match &self.postgres {
+            Some(pg) => format!("store_url = \"{}\"\n", pg.url()),
+            None => String::new(),
+        }
+    }
+}
+
+/// Runs the test function `$name(Net)` on both stores.
+macro_rules! on_both_stores {
+    ($name:ident, $embedded:literal, $postgres:literal) => {
+        mod $name {
+            #[test]
+            fn embedded() {
+                super::$name(super::Net::embedded($embedded));
+            }
+            #[test]
+            fn postgres() {
+                super::$name(super::Net::postgres($postgres));
+            }
+        }
+    };
+}
+
+on_both_stores!(tokens_and_accounts, "127.0.110", "127.0.111");
+on_both_stores!(
+    trunk_groups_dids_failover_and_audit,
+    "127.0.112",
+    "127.0.113"
+);
+on_both_stores!(
+    openapi_document_matches_the_server,
+    "127.0.114",
+    "127.0.115"
+);
+on_both_stores!(
+    status_presence_health_and_the_single_registration_warning,
+    "127.0.116",
+    "127.0.117"
+);
+
+/// A carrier at `net.ip(host)` whose API accepts failover numbers under +1555 and +44.
+fn carrier(net: &Net, host: u8) -> Carrier {
+    let ip = net.ip(host);
     start_carrier(
         &format!(
             "[carrier]\nsip_listen = [\"udp:{ip}:0\"]\napi_listen = \"{ip}:0\"\n\
-             failover_number_prefixes = [\"+1555\", \"+44\"]\n"
+             failover_number_prefixes = [\"+1555\", \"+44\"]\n{}",
+            net.store_line()
         ),
         1,
     )
@@ -75,9 +148,8 @@ fn account(api: &Api, op: &str, name: &str) -> (i64, String) {
     (id, r.json["token"].as_str().unwrap().to_string())
 }
 
-#[test]
-fn tokens_and_accounts() {
-    let c = carrier("127.0.110.1");
+fn tokens_and_accounts(net: Net) {
+    let c = carrier(&net, 1);
     let api = Api { addr: c.api_addr() };
     let op = operator_token(&c);
     // No token, a wrong one: 401 with a JSON error and WWW-Authenticate.
@@ -183,9 +255,8 @@ fn tokens_and_accounts() {
     assert_eq!(api.get("/v1/nothing", &op).code(), "not_found");
 }
 
-#[test]
-fn trunk_groups_dids_failover_and_audit() {
-    let c = carrier("127.0.110.2");
+fn trunk_groups_dids_failover_and_audit(net: Net) {
+    let c = carrier(&net, 1);
     let api = Api { addr: c.api_addr() };
     let op = operator_token(&c);
     let (a, ta) = account(&api, &op, "acme");
@@ -251,6 +322,16 @@ fn trunk_groups_dids_failover_and_audit() {
     expect(&api.get(&format!("{path}/failover"), &ta), 404);
     expect(
         &api.call("PUT", &format!("{path}/failover"), &ta, Some(json!({}))),
+        404,
+    );
+    expect(&api.get(&format!("{path}/status"), &ta), 404);
+    expect(&api.get(&format!("{path}/calls"), &ta), 404);
+    expect(
+        &api.post(
+            &format!("{path}/health"),
+            &ta,
+            json!({"pbx": "up", "version": "1"}),
+        ),
         404,
     );
     assert_eq!(
@@ -490,9 +571,8 @@ fn keys(v: &serde_json::Value) -> Vec<String> {
     k
 }
 
-#[test]
-fn openapi_document_matches_the_server() {
-    let c = carrier("127.0.110.3");
+fn openapi_document_matches_the_server(net: Net) {
+    let c = carrier(&net, 1);
     let api = Api { addr: c.api_addr() };
     let op = operator_token(&c);
     // Public, JSON.
@@ -540,6 +620,21 @@ fn openapi_document_matches_the_server() {
     assert_eq!(keys(&r.json), schema_keys("FailoverPlan"));
     let audit = api.get(&format!("/v1/accounts/{a}/audit"), &ta).json;
     assert_eq!(keys(&audit[0]), schema_keys("AuditEntry"));
+    // This server: no token needed, and it names the store it runs on.
+    let r = request(api.addr, "GET", "/v1/server", None, None);
+    expect(&r, 200);
+    assert_eq!(keys(&r.json), schema_keys("Server"));
+    let backend = if net.postgres.is_some() {
+        "postgres"
+    } else {
+        "sqlite"
+    };
+    assert_eq!(r.json["store"]["backend"], backend, "{}", r.text);
+    assert_eq!(r.json["store"]["reachable"], true);
+    // No call yet: an empty list of calls.
+    let r = api.get(&format!("/v1/trunk-groups/{g}/calls"), &ta);
+    expect(&r, 200);
+    assert_eq!(r.json, json!([]));
     // Request bodies with every documented property are accepted (NewTrunkGroup above lacked
     // failover_pbx: one more with it).
     let all: Vec<String> = schema_keys("NewTrunkGroup");
@@ -578,16 +673,16 @@ fn openapi_document_matches_the_server() {
 /// Status: where a trunk group is registered now (the presence this server writes when its
 /// registrations change), its last health report, and the warning when failover is configured
 /// but the PBX is not registered on every trunk server.
-#[test]
-fn status_presence_health_and_the_single_registration_warning() {
+fn status_presence_health_and_the_single_registration_warning(net: Net) {
     use common::sipp::{PASSWORD, Scenario, ok, register_xml, spawn_sipp};
-    let ip = "127.0.110.4";
+    let (ip, peer, pbx) = (net.ip(4), net.ip(5), net.ip(6));
     let c = start_carrier(
         &format!(
             "[carrier]\nname = \"trunk1\"\nsip_listen = [\"udp:{ip}:0\"]\napi_listen = \"{ip}:0\"\n\
-             bindings_flush_ms = 50\nconfig_poll_ms = 50\nfailover_number_prefixes = [\"+1555\"]\n\
+             bindings_flush_ms = 50\nconfig_poll_ms = 50\nfailover_number_prefixes = [\"+1555\"]\n{}\
              [[carrier.peers]]\nname = \"trunk1\"\nuri = \"sip:{ip}:5060\"\n\
-             [[carrier.peers]]\nname = \"trunk2\"\nuri = \"sip:127.0.110.5:5060\"\n"
+             [[carrier.peers]]\nname = \"trunk2\"\nuri = \"sip:{peer}:5060\"\n",
+            net.store_line()
         ),
         1,
     );
@@ -617,12 +712,12 @@ fn status_presence_health_and_the_single_registration_warning() {
     // (it polls the store every config_poll_ms).
     std::thread::sleep(std::time::Duration::from_millis(500));
     let run = spawn_sipp(
-        "127.0.110.6",
+        &pbx,
         0,
         Some(c.addr("udp").to_string()),
         Scenario::Xml(register_xml(
             "acme-main",
-            "<sip:acme-main@127.0.110.6:5071>",
+            &format!("<sip:acme-main@{pbx}:5071>"),
         )),
         &["-au", "acme-main", "-ap", PASSWORD],
     )

@@ -27,14 +27,13 @@
 //! printed.
 
 use std::io::Write;
-use std::path::Path;
 
 use clap::Subcommand;
 
 use super::delivery_rule::FailoverPbx;
 use super::store::{
-    AccountId, ApiToken, Store, StoreError, TokenId, TokenScope, TrunkGroupId, normalize_e164,
-    normalize_failover_uri,
+    AccountId, ApiToken, Store, StoreError, StoreLocation, TokenId, TokenScope, TrunkGroupId,
+    normalize_e164, normalize_failover_uri,
 };
 
 /// Edit the configuration store: accounts, trunk groups, DIDs, API tokens.
@@ -410,11 +409,11 @@ fn token_line(t: &ApiToken) -> String {
     )
 }
 
-/// The whole `admin` invocation for the binary: opens the store in `data_dir`, runs `cmd`,
+/// The whole `admin` invocation for the binary: opens the store at `location`, runs `cmd`,
 /// prints its output on standard output and any failure on standard error. Returns the
 /// process exit code: 0 on success, 1 on any failure.
-pub async fn execute(cmd: AdminCommand, data_dir: &Path, realm: &str) -> i32 {
-    let store = match Store::open(data_dir).await {
+pub async fn execute(cmd: AdminCommand, location: &StoreLocation, realm: &str) -> i32 {
+    let store = match Store::connect(location).await {
         Ok(store) => store,
         Err(e) => {
             eprintln!("lifeline-carrier: {e}");
@@ -908,14 +907,35 @@ mod tests {
     async fn execute_returns_the_exit_code() {
         let dir = tempfile::tempdir().unwrap();
         let add = parse(&["account", "add", "Acme"]);
-        assert_eq!(execute(add.clone(), dir.path(), "lifeline").await, 0);
-        assert_eq!(execute(add, dir.path(), "lifeline").await, 1);
+        assert_eq!(
+            execute(
+                add.clone(),
+                &StoreLocation::Embedded(dir.path().to_owned()),
+                "lifeline"
+            )
+            .await,
+            0
+        );
+        assert_eq!(
+            execute(
+                add,
+                &StoreLocation::Embedded(dir.path().to_owned()),
+                "lifeline"
+            )
+            .await,
+            1
+        );
         let store = Store::open(dir.path()).await.unwrap();
         assert_eq!(store.list_accounts().await.unwrap().len(), 1);
         let file = dir.path().join("plain-file");
         std::fs::write(&file, b"x").unwrap();
         assert_eq!(
-            execute(parse(&["account", "list"]), &file, "lifeline").await,
+            execute(
+                parse(&["account", "list"]),
+                &StoreLocation::Embedded(file.clone()),
+                "lifeline"
+            )
+            .await,
             1
         );
     }

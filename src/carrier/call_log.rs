@@ -65,7 +65,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use super::call_record::{AttemptRecord, CallRecord};
-use super::store::{create_private, sqlite_options};
+use super::store::{TrunkGroupId, create_private, sqlite_options};
 
 /// The database file inside the data folder.
 pub const CALLS_FILE: &str = "calls.sqlite3";
@@ -294,8 +294,27 @@ impl CallLog {
         did: Option<&str>,
         limit: u32,
     ) -> Result<Vec<CallRecord>, CallLogError> {
-        read_recent(&self.shared.pool, &self.shared.path, did, limit).await
+        let filter = did.map_or(Filter::All, Filter::Did);
+        read_recent(&self.shared.pool, &self.shared.path, filter, limit).await
     }
+
+    /// The newest `limit` calls of one trunk group, newest first, as [`CallLog::recent`].
+    pub async fn recent_of_trunk_group(
+        &self,
+        trunk_group: TrunkGroupId,
+        limit: u32,
+    ) -> Result<Vec<CallRecord>, CallLogError> {
+        let filter = Filter::TrunkGroup(trunk_group);
+        read_recent(&self.shared.pool, &self.shared.path, filter, limit).await
+    }
+}
+
+/// Which calls a read returns.
+#[derive(Debug, Clone, Copy)]
+enum Filter<'a> {
+    All,
+    Did(&'a str),
+    TrunkGroup(TrunkGroupId),
 }
 
 /// The call log opened read-only, for the command line: never created, migrated or pruned,
@@ -339,7 +358,8 @@ impl CallLogReader {
         did: Option<&str>,
         limit: u32,
     ) -> Result<Vec<CallRecord>, CallLogError> {
-        read_recent(&self.pool, &self.path, did, limit).await
+        let filter = did.map_or(Filter::All, Filter::Did);
+        read_recent(&self.pool, &self.path, filter, limit).await
     }
 
     /// Closes the file.
@@ -516,6 +536,17 @@ const SELECT_ATTEMPTS: &str = concat!(
     "WHERE call IN (SELECT id FROM calls ORDER BY started_at_ms DESC, id DESC LIMIT ?) ",
     "ORDER BY call, position"
 );
+const SELECT_CALLS_OF_TRUNK_GROUP: &str = concat!(
+    "SELECT id, call_id, did, trunk_group, server, source, from_peer, started_at_ms, ",
+    "duration_ms, status, outcome, answered_by FROM calls WHERE trunk_group = ? ",
+    "ORDER BY started_at_ms DESC, id DESC LIMIT ?"
+);
+const SELECT_ATTEMPTS_OF_TRUNK_GROUP: &str = concat!(
+    "SELECT call, position, stage, target, offset_ms, duration_ms, outcome FROM call_attempts ",
+    "WHERE call IN (SELECT id FROM calls WHERE trunk_group = ? ",
+    "ORDER BY started_at_ms DESC, id DESC LIMIT ?) ",
+    "ORDER BY call, position"
+);
 const SELECT_ATTEMPTS_OF_DID: &str = concat!(
     "SELECT call, position, stage, target, offset_ms, duration_ms, outcome FROM call_attempts ",
     "WHERE call IN (SELECT id FROM calls WHERE did = ? ",
@@ -533,7 +564,7 @@ fn stored_did(did: &str) -> String {
 async fn read_recent(
     pool: &SqlitePool,
     path: &Path,
-    did: Option<&str>,
+    filter: Filter<'_>,
     limit: u32,
 ) -> Result<Vec<CallRecord>, CallLogError> {
     let read = |source| CallLogError::Read {
@@ -543,17 +574,25 @@ async fn read_recent(
     if limit == 0 {
         return Ok(Vec::new());
     }
-    let did = did.map(stored_did);
-    let (calls_sql, attempts_sql) = match did {
-        Some(_) => (SELECT_CALLS_OF_DID, SELECT_ATTEMPTS_OF_DID),
-        None => (SELECT_CALLS, SELECT_ATTEMPTS),
+    let (calls_sql, attempts_sql) = match filter {
+        Filter::All => (SELECT_CALLS, SELECT_ATTEMPTS),
+        Filter::Did(_) => (SELECT_CALLS_OF_DID, SELECT_ATTEMPTS_OF_DID),
+        Filter::TrunkGroup(_) => (SELECT_CALLS_OF_TRUNK_GROUP, SELECT_ATTEMPTS_OF_TRUNK_GROUP),
     };
     let mut tx = pool.begin().await.map_err(read)?;
     let mut calls = sqlx::query_as::<_, CallRow>(calls_sql);
     let mut attempts = sqlx::query_as::<_, AttemptRow>(attempts_sql);
-    if let Some(did) = &did {
-        calls = calls.bind(did.as_str());
-        attempts = attempts.bind(did.as_str());
+    match filter {
+        Filter::All => {}
+        Filter::Did(did) => {
+            let did = stored_did(did);
+            calls = calls.bind(did.clone());
+            attempts = attempts.bind(did);
+        }
+        Filter::TrunkGroup(group) => {
+            calls = calls.bind(group);
+            attempts = attempts.bind(group);
+        }
     }
     let calls = calls
         .bind(i64::from(limit))

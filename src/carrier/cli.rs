@@ -109,7 +109,7 @@ pub async fn run(cli: Cli) -> i32 {
     init_logging(&settings.raw.log_level);
     match cli.command {
         Some(Command::Admin(cmd)) => {
-            return admin::execute(cmd, &settings.raw.data_dir, &settings.raw.realm).await;
+            return admin::execute(cmd, &settings.store_location(), &settings.raw.realm).await;
         }
         Some(Command::Calls { did, limit }) => {
             return calls(&settings.raw.data_dir, did.as_deref(), limit).await;

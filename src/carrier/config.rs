@@ -13,6 +13,7 @@ use super::delivery_rule::{DeliveryConfig, FailoverSet};
 use super::probe::ProbeConfig;
 use super::proxy::{Cidr, Hop, Peer, ProxyConfig};
 use super::registrar::RegistrarConfig;
+use super::store::StoreLocation;
 use crate::sip::digest::Algorithm;
 use crate::sip::transaction::TimerConfig;
 use crate::sip::transport::{ListenSpec, TransportOptions};
@@ -63,8 +64,11 @@ pub struct CarrierConfig {
     pub tls_certificate: Option<PathBuf>,
     /// PEM private key for TLS listeners.
     pub tls_private_key: Option<PathBuf>,
-    /// Where this server keeps its state (bindings, the embedded store).
+    /// Where this server keeps its state (bindings, call records, the embedded store).
     pub data_dir: PathBuf,
+    /// A PostgreSQL URL (`postgres://user:password@host:port/database`) for a configuration
+    /// shared by several trunk servers; empty: the embedded store in `data_dir`.
+    pub store_url: String,
     /// Log filter (`info`, `debug`, `lifeline=debug,info`); `RUST_LOG` wins when set.
     pub log_level: String,
     /// RFC 3261 T1: round-trip estimate, first retransmission interval.
@@ -167,6 +171,7 @@ impl Default for CarrierConfig {
             tls_certificate: None,
             tls_private_key: None,
             data_dir: PathBuf::from("./lifeline-data"),
+            store_url: String::new(),
             log_level: "info".into(),
             t1_ms: 500,
             t2_ms: 4000,
@@ -216,6 +221,17 @@ pub struct Settings {
     pub probe: ProbeConfig,
     /// The provisioning API, if it is on.
     pub api: Option<ApiListen>,
+}
+
+impl Settings {
+    /// Where the configuration store is: `store_url`, or the embedded one in `data_dir`.
+    pub fn store_location(&self) -> StoreLocation {
+        if self.raw.store_url.is_empty() {
+            StoreLocation::Embedded(self.raw.data_dir.clone())
+        } else {
+            StoreLocation::Postgres(self.raw.store_url.clone())
+        }
+    }
 }
 
 /// Where and how the API listens.
@@ -484,6 +500,16 @@ impl CarrierConfig {
             }
             Some(ApiListen { addr, tls })
         };
+        if !self.store_url.is_empty()
+            && !["postgres://", "postgresql://"]
+                .iter()
+                .any(|scheme| self.store_url.starts_with(scheme))
+        {
+            return Err(invalid(
+                "store_url",
+                "a PostgreSQL URL starts with postgres:// (empty: the embedded store)".into(),
+            ));
+        }
         for p in &self.failover_number_prefixes {
             let digits = p.strip_prefix('+').unwrap_or("");
             if digits.is_empty() && p != "+" || !digits.bytes().all(|b| b.is_ascii_digit()) {

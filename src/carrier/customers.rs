@@ -6,14 +6,17 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, SystemTime};
 
-use tokio::sync::watch;
+use sqlx::postgres::PgListener;
+use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 
 use super::delivery_rule::FailoverPbx;
 use super::delivery_rule::FailoverPlan;
-use super::store::{Did, Store, StoreError, TrunkGroup, TrunkGroupId};
+use super::registrar::unix_ms;
+use super::store::{Did, Store, StoreError, StoreLocation, TrunkGroup, TrunkGroupId};
 
 /// One consistent view of the customer configuration.
 #[derive(Debug, Default)]
@@ -98,13 +101,45 @@ impl Customers {
     }
 }
 
-/// Loads the configuration, then keeps a copy current: the store's change counter is polled
-/// every `interval` and the copy reloaded when it moved. Errors keep the last good copy and are
-/// logged once until the store answers again.
+/// Whether the configuration store answered the last time it was asked, for the logs, the API
+/// and metrics. Shared between the task that refreshes the copy and its readers.
+#[derive(Debug, Default)]
+pub struct StoreHealth {
+    /// 0: reachable; otherwise when it first failed, Unix milliseconds.
+    unreachable_since_ms: AtomicI64,
+}
+
+impl StoreHealth {
+    /// `None` while the store answers; when it stopped answering, Unix milliseconds.
+    pub fn unreachable_since_ms(&self) -> Option<i64> {
+        match self.unreachable_since_ms.load(Ordering::Relaxed) {
+            0 => None,
+            t => Some(t),
+        }
+    }
+
+    /// Records a failure; true if it is the first since the store last answered.
+    fn failed(&self) -> bool {
+        let now = unix_ms(SystemTime::now()).max(1);
+        self.unreachable_since_ms
+            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// Records an answer; true if the store had been unreachable.
+    fn answered(&self) -> bool {
+        self.unreachable_since_ms.swap(0, Ordering::Relaxed) != 0
+    }
+}
+
+/// Loads the configuration, then keeps a copy current: the store's change counter is read
+/// every `interval`, and at once when PostgreSQL notifies a change; the copy is reloaded when
+/// the counter moved. Errors keep the last good copy, are logged once until the store answers
+/// again, and show in the returned [`StoreHealth`].
 pub async fn watch_customers(
     store: Store,
     interval: Duration,
-) -> Result<watch::Receiver<Arc<Customers>>, StoreError> {
+) -> Result<(watch::Receiver<Arc<Customers>>, Arc<StoreHealth>), StoreError> {
     let first = Customers::load(&store).await?;
     let (tgs, dids) = first.counts();
     info!(
@@ -114,14 +149,26 @@ pub async fn watch_customers(
         "customer configuration loaded"
     );
     let (tx, rx) = watch::channel(Arc::new(first));
+    let health = Arc::new(StoreHealth::default());
+    let changed = Arc::new(Notify::new());
+    let listener = match store.location() {
+        StoreLocation::Postgres(url) => Some(tokio::spawn(listen_for_changes(
+            url.clone(),
+            changed.clone(),
+        ))),
+        StoreLocation::Embedded(_) => None,
+    };
+    let health_out = health.clone();
     tokio::spawn(async move {
-        let mut failing = false;
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            ticker.tick().await;
+            tokio::select! {
+                _ = ticker.tick() => {}
+                () = changed.notified() => {}
+            }
             if tx.is_closed() {
-                return;
+                break;
             }
             let current = tx.borrow().version;
             let result = match store.config_version().await {
@@ -130,28 +177,72 @@ pub async fn watch_customers(
                 Err(e) => Err(e),
             };
             match result {
-                Ok(None) => failing = false,
-                Ok(Some(fresh)) => {
-                    failing = false;
-                    let (tgs, dids) = fresh.counts();
-                    info!(
-                        version = fresh.version,
-                        trunk_groups = tgs,
-                        dids,
-                        "customer configuration reloaded"
-                    );
-                    let _ = tx.send(Arc::new(fresh));
+                Ok(fresh) => {
+                    if health.answered() {
+                        info!("store reachable again");
+                    }
+                    if let Some(fresh) = fresh {
+                        let (tgs, dids) = fresh.counts();
+                        info!(
+                            version = fresh.version,
+                            trunk_groups = tgs,
+                            dids,
+                            "customer configuration reloaded"
+                        );
+                        let _ = tx.send(Arc::new(fresh));
+                    }
                 }
-                Err(e) if !failing => {
-                    failing = true;
-                    warn!(error = %e, "store unreachable: routing from the last good configuration");
+                Err(e) => {
+                    if health.failed() {
+                        warn!(error = %e, "store unreachable: routing from the last good configuration");
+                    }
                 }
-                Err(_) => {}
             }
         }
+        if let Some(listener) = listener {
+            listener.abort();
+        }
     });
-    Ok(rx)
+    Ok((rx, health_out))
 }
+
+/// The PostgreSQL channel the schema's triggers notify on every configuration change.
+const CHANGES_CHANNEL: &str = "lifeline_config";
+
+/// Wakes the refresh loop on every notification from PostgreSQL, and after every reconnection
+/// (notifications sent while disconnected are lost; the loop's own poll covers that too).
+async fn listen_for_changes(url: String, changed: Arc<Notify>) {
+    let mut failing = false;
+    loop {
+        let mut listener = match PgListener::connect(&url).await {
+            Ok(l) => l,
+            Err(e) => {
+                if !std::mem::replace(&mut failing, true) {
+                    warn!(error = %e, "store change notifications unavailable; polling");
+                }
+                tokio::time::sleep(LISTEN_RETRY).await;
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen(CHANGES_CHANNEL).await {
+            if !std::mem::replace(&mut failing, true) {
+                warn!(error = %e, "store change notifications unavailable; polling");
+            }
+            tokio::time::sleep(LISTEN_RETRY).await;
+            continue;
+        }
+        failing = false;
+        changed.notify_one();
+        // `try_recv` gives None when the connection drops: connect again from the top.
+        while let Ok(Some(_)) = listener.try_recv().await {
+            changed.notify_one();
+        }
+        tokio::time::sleep(LISTEN_RETRY).await;
+    }
+}
+
+/// How long to wait before listening again after PostgreSQL went away.
+const LISTEN_RETRY: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {

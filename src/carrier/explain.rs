@@ -38,7 +38,7 @@ pub async fn explain(
     out: &mut impl Write,
 ) -> Result<(), ExplainError> {
     let dir = &settings.raw.data_dir;
-    let store = Store::open(dir).await?;
+    let store = Store::connect(&settings.store_location()).await?;
     let customers = Customers::load(&store).await?;
     store.close().await;
     let Some(d) = customers.did(did) else {

@@ -6,6 +6,7 @@
 //! One task owns the transaction table (a pure state machine): it is fed received messages and
 //! timeouts, and what it wants sent is handed to the transports.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::net::IpAddr;
@@ -122,9 +123,10 @@ pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
             path: dir.join(DIALOG_KEY_FILE),
             source,
         })?;
-    let store = Store::open(dir).await?;
+    let store = Store::connect(&settings.store_location()).await?;
+    info!(store = %store.location(), "configuration store open");
     let store_for_api = store.clone();
-    let customers =
+    let (customers, store_health) =
         watch_customers(store, Duration::from_millis(settings.raw.config_poll_ms)).await?;
     let (bindings, loaded) = BindingStore::open(
         dir,
@@ -140,28 +142,31 @@ pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
     .await?;
     let auth = Authenticator::new(Duration::from_secs(settings.raw.nonce_lifetime_s));
     let registrar = Registrar::new(settings.registrar.clone(), auth, bindings, loaded);
-    let presence = presence_writer(store_for_api.clone(), settings.raw.name.clone());
     let now_ms = unix_ms(SystemTime::now());
-    if let Err(e) = store_for_api
-        .reset_presence(&settings.raw.name, &registrar.presence(now_ms), now_ms)
-        .await
-    {
-        warn!(error = %e, "presence not written");
-    }
+    let presence = presence_writer(
+        store_for_api.clone(),
+        settings.raw.name.clone(),
+        registrar.presence(now_ms),
+    );
     let (transport, incoming) =
         SipTransport::bind(&settings.listen, tls, settings.transport.clone())
             .await
             .map_err(StartError::Bind)?;
     let bound = transport.bound().to_vec();
     log_bound(&bound);
-    let (api, api_task) = match start_api(&settings, store_for_api).await {
-        Ok(Some((addr, task))) => (Some(addr), Some(task)),
-        Ok(None) => (None, None),
-        Err(e) => {
-            transport.shutdown();
-            return Err(e);
-        }
+    let server_view = super::api::ServerView {
+        customers: customers.clone(),
+        store_health,
     };
+    let (api, api_task) =
+        match start_api(&settings, store_for_api, server_view, call_log.clone()).await {
+            Ok(Some((addr, task))) => (Some(addr), Some(task)),
+            Ok(None) => (None, None),
+            Err(e) => {
+                transport.shutdown();
+                return Err(e);
+            }
+        };
     info!(name = %settings.raw.name, data_dir = %dir.display(), "carrier started");
     let shutdown_handle = transport.clone();
     let service = Service {
@@ -189,36 +194,88 @@ pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
 }
 
 /// The task that writes this server's presence rows (which trunk groups hold live bindings
-/// here) to the store, off the SIP service loop; a failed write is logged and the next change
-/// writes the group again.
+/// here) to the store, off the SIP service loop. It starts by replacing the server's rows with
+/// `initial`; a failed write is kept and retried every [`PRESENCE_RETRY`] (newer counts
+/// replace older ones), so the rows catch up when the store is back.
 fn presence_writer(
     store: Store,
     server: String,
+    initial: Vec<(TrunkGroupId, usize)>,
 ) -> mpsc::UnboundedSender<Vec<(TrunkGroupId, usize)>> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<(TrunkGroupId, usize)>>();
     tokio::spawn(async move {
-        while let Some(changes) = rx.recv().await {
-            for (group, contacts) in changes {
+        let mut reset = Some(initial);
+        let mut pending: BTreeMap<TrunkGroupId, usize> = BTreeMap::new();
+        let mut failing = false;
+        loop {
+            if let Some(groups) = &reset {
                 let now_ms = unix_ms(SystemTime::now());
-                if let Err(e) = store.set_presence(&server, group, contacts, now_ms).await {
-                    warn!(trunk_group = group, error = %e, "presence not written");
+                match store.reset_presence(&server, groups, now_ms).await {
+                    Ok(()) => reset = None,
+                    Err(e) => failing = log_presence_failure(failing, &e),
                 }
             }
+            while reset.is_none() {
+                let Some((&group, &contacts)) = pending.first_key_value() else {
+                    break;
+                };
+                let now_ms = unix_ms(SystemTime::now());
+                match store.set_presence(&server, group, contacts, now_ms).await {
+                    Ok(()) => {
+                        pending.remove(&group);
+                    }
+                    Err(e) => {
+                        failing = log_presence_failure(failing, &e);
+                        break;
+                    }
+                }
+            }
+            if reset.is_none() && pending.is_empty() && std::mem::take(&mut failing) {
+                info!("presence written again");
+            }
+            let changes = if reset.is_none() && pending.is_empty() {
+                rx.recv().await
+            } else {
+                match tokio::time::timeout(PRESENCE_RETRY, rx.recv()).await {
+                    Ok(changes) => changes,
+                    Err(_) => continue,
+                }
+            };
+            let Some(changes) = changes else {
+                return;
+            };
+            pending.extend(changes);
         }
     });
     tx
+}
+
+/// How often presence rows the store refused are written again.
+const PRESENCE_RETRY: Duration = Duration::from_secs(1);
+
+/// Logs the first of a run of failed presence writes; returns that writes are failing.
+fn log_presence_failure(failing: bool, e: &StoreError) -> bool {
+    if !failing {
+        warn!(error = %e, "presence not written; retrying");
+    }
+    true
 }
 
 /// Binds and starts the provisioning API when the configuration has one.
 async fn start_api(
     settings: &Settings,
     store: Store,
+    server_view: super::api::ServerView,
+    call_log: CallLog,
 ) -> Result<Option<(std::net::SocketAddr, JoinHandle<()>)>, StartError> {
     let Some(api) = &settings.api else {
         return Ok(None);
     };
     let state = super::api::ApiState {
         store,
+        server_name: settings.raw.name.clone(),
+        server: server_view,
+        call_log,
         realm: settings.raw.realm.clone(),
         failover_prefixes: Arc::new(settings.raw.failover_number_prefixes.clone()),
         trunk_servers: Arc::new({

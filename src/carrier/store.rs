@@ -29,14 +29,14 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytestring::ByteString;
 use sha2::{Digest, Sha256};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
-};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{AnyPool, ConnectOptions, Executor};
 
 use crate::carrier::delivery_rule::FailoverPbx;
 use crate::sip::digest::{Algorithm, ha1};
@@ -57,7 +57,8 @@ pub const MAX_USERNAME_LEN: usize = 64;
 /// Longest failover PBX URI, in bytes.
 pub const MAX_FAILOVER_URI_LEN: usize = 1024;
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
 /// An account's id.
 pub type AccountId = i64;
@@ -85,13 +86,18 @@ pub enum StoreError {
     },
     /// The database file could not be opened: no permission, not an SQLite file, or locked
     /// by another process past the busy timeout.
-    #[error("cannot open the store {path}: {source}")]
-    Open { path: PathBuf, source: sqlx::Error },
-    /// The schema could not be brought up to date (for instance the file was written by a
+    /// For PostgreSQL: the server is unreachable, refuses the credentials, or the database
+    /// does not exist.
+    #[error("cannot open the store {location}: {source}")]
+    Open {
+        location: String,
+        source: sqlx::Error,
+    },
+    /// The schema could not be brought up to date (for instance the database was written by a
     /// newer Lifeline with migrations this one does not know).
-    #[error("cannot update the schema of {path}: {source}")]
+    #[error("cannot update the schema of {location}: {source}")]
     Migrate {
-        path: PathBuf,
+        location: String,
         source: sqlx::migrate::MigrateError,
     },
     /// Any other database failure (I/O error, disk full, lock held past the busy timeout).
@@ -288,8 +294,8 @@ pub struct TrunkGroup {
 }
 
 /// The failover PBX is two nullable columns (a URI, a trunk group id), at most one set.
-impl<'r> sqlx::FromRow<'r, SqliteRow> for TrunkGroup {
-    fn from_row(row: &'r SqliteRow) -> Result<Self, sqlx::Error> {
+impl<'r> sqlx::FromRow<'r, AnyRow> for TrunkGroup {
+    fn from_row(row: &'r AnyRow) -> Result<Self, sqlx::Error> {
         use sqlx::Row;
         let uri: Option<String> = row.try_get("failover_pbx_uri")?;
         let group: Option<TrunkGroupId> = row.try_get("failover_pbx_trunk_group")?;
@@ -402,8 +408,8 @@ pub struct ApiToken {
 }
 
 /// The scope is two nullable columns: neither (operator), the account, or both.
-impl<'r> sqlx::FromRow<'r, SqliteRow> for ApiToken {
-    fn from_row(row: &'r SqliteRow) -> Result<Self, sqlx::Error> {
+impl<'r> sqlx::FromRow<'r, AnyRow> for ApiToken {
+    fn from_row(row: &'r AnyRow) -> Result<Self, sqlx::Error> {
         use sqlx::Row;
         let account: Option<AccountId> = row.try_get("account_id")?;
         let group: Option<TrunkGroupId> = row.try_get("trunk_group_id")?;
@@ -466,8 +472,8 @@ pub struct AuditEntry {
     pub after: Option<String>,
 }
 
-impl<'r> sqlx::FromRow<'r, SqliteRow> for AuditEntry {
-    fn from_row(row: &'r SqliteRow) -> Result<Self, sqlx::Error> {
+impl<'r> sqlx::FromRow<'r, AnyRow> for AuditEntry {
+    fn from_row(row: &'r AnyRow) -> Result<Self, sqlx::Error> {
         use sqlx::Row;
         Ok(AuditEntry {
             id: row.try_get("id")?,
@@ -749,7 +755,10 @@ fn constraint(e: &sqlx::Error) -> Option<Constraint> {
         return None;
     };
     match db.kind() {
-        sqlx::error::ErrorKind::UniqueViolation => Some(Constraint::Unique(db.message().into())),
+        // PostgreSQL names the constraint; SQLite only says it in the message.
+        sqlx::error::ErrorKind::UniqueViolation => Some(Constraint::Unique(
+            db.constraint().unwrap_or(db.message()).into(),
+        )),
         sqlx::error::ErrorKind::ForeignKeyViolation => Some(Constraint::ForeignKey),
         // A RESTRICT action fails with SQLITE_CONSTRAINT_TRIGGER, which sqlx does not classify.
         _ if db.message().starts_with("FOREIGN KEY constraint failed") => {
@@ -759,16 +768,18 @@ fn constraint(e: &sqlx::Error) -> Option<Constraint> {
     }
 }
 
-/// Maps SQLite's "UNIQUE constraint failed: table.column" to the field it names.
+/// Maps SQLite's "UNIQUE constraint failed: table.column" or a PostgreSQL constraint name
+/// (`migrations/postgres/`) to the field it names.
 fn unique_field(message: &str) -> Option<UniqueField> {
     let columns = message.rsplit(": ").next().unwrap_or(message);
-    if columns.contains("trunk_groups.username") {
+    if columns.contains("trunk_groups.username") || columns == "trunk_groups_username_key" {
         Some(UniqueField::Username)
-    } else if columns.contains("trunk_groups.name") {
+    } else if columns.contains("trunk_groups.name") || columns == "trunk_groups_account_id_name_key"
+    {
         Some(UniqueField::TrunkGroupName)
-    } else if columns.contains("accounts.name") {
+    } else if columns.contains("accounts.name") || columns == "accounts_name_key" {
         Some(UniqueField::AccountName)
-    } else if columns.contains("dids.number") {
+    } else if columns.contains("dids.number") || columns == "dids_pkey" {
         Some(UniqueField::Number)
     } else {
         None
@@ -792,6 +803,26 @@ fn duplicate(e: sqlx::Error, values: &[(UniqueField, &str)]) -> StoreError {
 
 fn is_foreign_key(e: &sqlx::Error) -> bool {
     matches!(constraint(e), Some(Constraint::ForeignKey))
+}
+
+/// Runs `query` in a savepoint of `tx` and returns its result: a failed statement is undone
+/// alone and the transaction goes on (PostgreSQL would otherwise refuse every later statement
+/// of the transaction). The outer error is the savepoint's own failure.
+async fn in_savepoint<'q>(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+) -> Result<Result<sqlx::any::AnyQueryResult, sqlx::Error>, sqlx::Error> {
+    let mut savepoint = sqlx::Connection::begin(&mut **tx).await?;
+    match query.execute(&mut *savepoint).await {
+        Ok(done) => {
+            savepoint.commit().await?;
+            Ok(Ok(done))
+        }
+        Err(e) => {
+            savepoint.rollback().await?;
+            Ok(Err(e))
+        }
+    }
 }
 
 /// `SELECT <every trunk group column> FROM trunk_groups <rest>`.
@@ -846,6 +877,7 @@ pub(crate) fn create_private(path: &Path) -> std::io::Result<()> {
 /// `synchronous=NORMAL` (a power cut may lose the last transactions, never consistency), and a
 /// busy timeout so the admin command and a running server can share a file.
 pub(crate) fn sqlite_options(path: &Path) -> SqliteConnectOptions {
+    // The configuration store applies the same settings as SQL: keep SQLITE_PRAGMAS in step.
     SqliteConnectOptions::new()
         .filename(path)
         .create_if_missing(true)
@@ -854,59 +886,195 @@ pub(crate) fn sqlite_options(path: &Path) -> SqliteConnectOptions {
         .busy_timeout(BUSY_TIMEOUT)
 }
 
-/// The embedded store. Cheap to clone: clones share one connection pool.
-#[derive(Debug, Clone)]
+/// [`sqlite_options`] as SQL, for the configuration store's connections (which are opened
+/// through a URL), plus foreign keys and `secure_delete` (replaced HA1 values do not linger in
+/// free pages).
+fn sqlite_pragmas() -> String {
+    format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = {}; \
+         PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON;",
+        BUSY_TIMEOUT.as_millis()
+    )
+}
+
+/// Where the configuration lives.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// `<data_dir>/store.sqlite3`: the embedded default, for one server.
+    Embedded(PathBuf),
+    /// A PostgreSQL URL (`postgres://user:password@host:port/database`): several trunk
+    /// servers share one configuration.
+    Postgres(String),
+}
+
+/// Passwords in a URL never reach a log line.
+impl std::fmt::Debug for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_string())
+    }
+}
+
+impl std::fmt::Display for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreLocation::Embedded(dir) => write!(f, "{}", dir.join(STORE_FILE).display()),
+            StoreLocation::Postgres(url) => f.write_str(&redact_url(url)),
+        }
+    }
+}
+
+/// `url` with the password of its user information replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    match rest[..at].split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+        None => url.to_owned(),
+    }
+}
+
+/// Which database a [`Store`] talks to. The SQL is the same for both (`$n` parameters, which
+/// SQLite accepts too); the schemas differ only in their dialect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The PostgreSQL advisory lock every configuration write takes first, so writes from several
+/// servers are serialised as SQLite's single writer serialises them ("LIFE" in ASCII).
+const POSTGRES_WRITE_LOCK: i64 = 0x4c49_4645;
+
+/// How long a PostgreSQL statement waits for a connection before failing: an API request gets
+/// an answer, not a hang, while the database is down.
+const POSTGRES_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The store. Cheap to clone: clones share one connection pool.
+#[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
-    path: PathBuf,
+    pool: AnyPool,
+    backend: Backend,
+    location: StoreLocation,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("location", &self.location)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How many health reports are kept per trunk group.
 pub const HEALTH_REPORTS_KEPT: i64 = 20;
 
 impl Store {
-    /// Opens `<data_dir>/store.sqlite3`, creating the folder, the file and the schema if
-    /// absent and applying any newer migrations.
+    /// Opens the embedded store `<data_dir>/store.sqlite3`.
     pub async fn open(data_dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::CreateDir {
-            path: data_dir.to_owned(),
+        Store::connect(&StoreLocation::Embedded(data_dir.to_owned())).await
+    }
+
+    /// Opens the store at `location`, creating the SQLite folder, file and schema if absent,
+    /// and applying any newer migrations. On PostgreSQL the migrations take an advisory lock,
+    /// so servers starting at once apply each migration once.
+    pub async fn connect(location: &StoreLocation) -> Result<Store, StoreError> {
+        sqlx::any::install_default_drivers();
+        let open_error = |source| StoreError::Open {
+            location: location.to_string(),
             source,
-        })?;
-        let path = data_dir.join(STORE_FILE);
-        create_private(&path).map_err(|source| StoreError::CreateFile {
-            path: path.clone(),
-            source,
-        })?;
-        let options = sqlite_options(&path)
-            .foreign_keys(true)
-            // Overwrite deleted content, so replaced HA1 values do not linger in free pages.
-            .pragma("secure_delete", "ON");
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await
-            .map_err(|source| StoreError::Open {
-                path: path.clone(),
-                source,
-            })?;
-        MIGRATOR
+        };
+        let (pool, backend) = match location {
+            StoreLocation::Embedded(data_dir) => {
+                std::fs::create_dir_all(data_dir).map_err(|source| StoreError::CreateDir {
+                    path: data_dir.to_owned(),
+                    source,
+                })?;
+                let path = data_dir.join(STORE_FILE);
+                create_private(&path).map_err(|source| StoreError::CreateFile {
+                    path: path.clone(),
+                    source,
+                })?;
+                // Through the URL only the file and its mode pass; the pragmas are set on
+                // every new connection.
+                let options = AnyConnectOptions::from_url(&sqlite_options(&path).to_url_lossy())
+                    .map_err(open_error)?;
+                let pool = AnyPoolOptions::new()
+                    .max_connections(4)
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            conn.execute(sqlite_pragmas().as_str()).await?;
+                            Ok(())
+                        })
+                    })
+                    .connect_with(options)
+                    .await
+                    .map_err(open_error)?;
+                (pool, Backend::Sqlite)
+            }
+            StoreLocation::Postgres(url) => {
+                let options = AnyConnectOptions::from_str(url).map_err(open_error)?;
+                let pool = AnyPoolOptions::new()
+                    .max_connections(8)
+                    .acquire_timeout(POSTGRES_ACQUIRE_TIMEOUT)
+                    .connect_with(options)
+                    .await
+                    .map_err(open_error)?;
+                (pool, Backend::Postgres)
+            }
+        };
+        let migrator = match backend {
+            Backend::Sqlite => &SQLITE_MIGRATOR,
+            Backend::Postgres => &POSTGRES_MIGRATOR,
+        };
+        migrator
             .run(&pool)
             .await
             .map_err(|source| StoreError::Migrate {
-                path: path.clone(),
+                location: location.to_string(),
                 source,
             })?;
-        Ok(Store { pool, path })
+        Ok(Store {
+            pool,
+            backend,
+            location: location.clone(),
+        })
     }
 
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Where the store is.
+    pub fn location(&self) -> &StoreLocation {
+        &self.location
     }
 
-    /// Closes every connection, checkpointing the WAL.
+    /// Which database the store talks to.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Closes every connection (on SQLite, checkpointing the WAL).
     pub async fn close(self) {
         self.pool.close().await;
+    }
+
+    /// A transaction for a configuration write: SQLite takes its write lock at once
+    /// (`BEGIN IMMEDIATE`, so a read-then-write never fails half-way on a busy lock);
+    /// PostgreSQL takes [`POSTGRES_WRITE_LOCK`] until the transaction ends.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(POSTGRES_WRITE_LOCK)
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(tx)
+            }
+        }
     }
 
     /// A counter that moves with every change to accounts, trunk groups or DIDs, made by
@@ -925,7 +1093,7 @@ impl Store {
         let name = check_name("account name", name)?;
         let created_at = now();
         let id: AccountId = sqlx::query_scalar(
-            "INSERT INTO accounts (name, created_at) VALUES (?, ?) RETURNING id",
+            "INSERT INTO accounts (name, created_at) VALUES ($1, $2) RETURNING id",
         )
         .bind(&name)
         .bind(created_at)
@@ -941,7 +1109,7 @@ impl Store {
 
     /// The account with this id, if any.
     pub async fn account(&self, id: AccountId) -> Result<Option<Account>, StoreError> {
-        let account = sqlx::query_as("SELECT id, name, created_at FROM accounts WHERE id = ?")
+        let account = sqlx::query_as("SELECT id, name, created_at FROM accounts WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -959,15 +1127,16 @@ impl Store {
     /// Removes an account; refused while it has trunk groups or live API tokens. Its revoked
     /// tokens are removed with it.
     pub async fn remove_account(&self, id: AccountId) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query("DELETE FROM api_tokens WHERE account_id = ? AND revoked_at IS NOT NULL")
+        let mut tx = self.begin_write().await?;
+        sqlx::query("DELETE FROM api_tokens WHERE account_id = $1 AND revoked_at IS NOT NULL")
             .bind(id)
             .execute(&mut *tx)
             .await?;
-        let refusal = match sqlx::query("DELETE FROM accounts WHERE id = ?")
-            .bind(id)
-            .execute(&mut *tx)
-            .await
+        let refusal = match in_savepoint(
+            &mut tx,
+            sqlx::query("DELETE FROM accounts WHERE id = $1").bind(id),
+        )
+        .await?
         {
             Ok(done) if done.rows_affected() == 0 => StoreError::AccountNotFound(id),
             Ok(_) => {
@@ -977,12 +1146,12 @@ impl Store {
             Err(e) if is_foreign_key(&e) => {
                 // Looked up in the same transaction: what is in the way right now.
                 let count: i64 =
-                    sqlx::query_scalar("SELECT count(*) FROM trunk_groups WHERE account_id = ?")
+                    sqlx::query_scalar("SELECT count(*) FROM trunk_groups WHERE account_id = $1")
                         .bind(id)
                         .fetch_one(&mut *tx)
                         .await?;
                 let tokens: Vec<TokenId> = sqlx::query_scalar(
-                    "SELECT id FROM api_tokens WHERE account_id = ? AND revoked_at IS NULL \
+                    "SELECT id FROM api_tokens WHERE account_id = $1 AND revoked_at IS NULL \
                      ORDER BY id",
                 )
                 .bind(id)
@@ -1021,7 +1190,7 @@ impl Store {
         let id: TrunkGroupId = sqlx::query_scalar(
             "INSERT INTO trunk_groups \
              (account_id, name, username, realm, ha1_md5, ha1_sha256, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
         )
         .bind(account_id)
         .bind(&name)
@@ -1061,7 +1230,7 @@ impl Store {
 
     /// The trunk group with this id, if any.
     pub async fn trunk_group(&self, id: TrunkGroupId) -> Result<Option<TrunkGroup>, StoreError> {
-        let group = sqlx::query_as(select_trunk_groups!("WHERE id = ?"))
+        let group = sqlx::query_as(select_trunk_groups!("WHERE id = $1"))
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -1074,7 +1243,7 @@ impl Store {
         &self,
         username: &str,
     ) -> Result<Option<TrunkGroup>, StoreError> {
-        let group = sqlx::query_as(select_trunk_groups!("WHERE username = ?"))
+        let group = sqlx::query_as(select_trunk_groups!("WHERE username = $1"))
             .bind(username)
             .fetch_optional(&self.pool)
             .await?;
@@ -1087,7 +1256,7 @@ impl Store {
         account_id: Option<AccountId>,
     ) -> Result<Vec<TrunkGroup>, StoreError> {
         let groups = sqlx::query_as(select_trunk_groups!(
-            "WHERE ?1 IS NULL OR account_id = ?1 ORDER BY id"
+            "WHERE $1 IS NULL OR account_id = $1 ORDER BY id"
         ))
         .bind(account_id)
         .fetch_all(&self.pool)
@@ -1113,8 +1282,8 @@ impl Store {
         let (ha1_md5, ha1_sha256) = ha1_pair(&group.username, realm, password)?;
         // The username is part of the hash: update only if it is still the one hashed.
         let done = sqlx::query(
-            "UPDATE trunk_groups SET realm = ?, ha1_md5 = ?, ha1_sha256 = ? \
-             WHERE id = ? AND username = ?",
+            "UPDATE trunk_groups SET realm = $1, ha1_md5 = $2, ha1_sha256 = $3 \
+             WHERE id = $4 AND username = $5",
         )
         .bind(realm)
         .bind(&ha1_md5)
@@ -1133,18 +1302,19 @@ impl Store {
     /// PBX or has live API tokens (named in that order when several are in the way). Its
     /// revoked tokens are removed with it.
     pub async fn remove_trunk_group(&self, id: TrunkGroupId) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
-            "DELETE FROM api_tokens WHERE revoked_at IS NOT NULL AND trunk_group_id = ?1 \
-             AND account_id = (SELECT account_id FROM trunk_groups WHERE id = ?1)",
+            "DELETE FROM api_tokens WHERE revoked_at IS NOT NULL AND trunk_group_id = $1 \
+             AND account_id = (SELECT account_id FROM trunk_groups WHERE id = $1)",
         )
         .bind(id)
         .execute(&mut *tx)
         .await?;
-        let refusal = match sqlx::query("DELETE FROM trunk_groups WHERE id = ?")
-            .bind(id)
-            .execute(&mut *tx)
-            .await
+        let refusal = match in_savepoint(
+            &mut tx,
+            sqlx::query("DELETE FROM trunk_groups WHERE id = $1").bind(id),
+        )
+        .await?
         {
             Ok(done) if done.rows_affected() == 0 => StoreError::TrunkGroupNotFound(id),
             Ok(_) => {
@@ -1154,18 +1324,18 @@ impl Store {
             Err(e) if is_foreign_key(&e) => {
                 // Looked up in the same transaction: what is in the way right now.
                 let count: i64 =
-                    sqlx::query_scalar("SELECT count(*) FROM dids WHERE trunk_group_id = ?")
+                    sqlx::query_scalar("SELECT count(*) FROM dids WHERE trunk_group_id = $1")
                         .bind(id)
                         .fetch_one(&mut *tx)
                         .await?;
                 let used_by: Vec<TrunkGroupId> = sqlx::query_scalar(
-                    "SELECT id FROM trunk_groups WHERE failover_pbx_trunk_group = ? ORDER BY id",
+                    "SELECT id FROM trunk_groups WHERE failover_pbx_trunk_group = $1 ORDER BY id",
                 )
                 .bind(id)
                 .fetch_all(&mut *tx)
                 .await?;
                 let tokens: Vec<TokenId> = sqlx::query_scalar(
-                    "SELECT id FROM api_tokens WHERE trunk_group_id = ? AND revoked_at IS NULL \
+                    "SELECT id FROM api_tokens WHERE trunk_group_id = $1 AND revoked_at IS NULL \
                      ORDER BY id",
                 )
                 .bind(id)
@@ -1195,7 +1365,7 @@ impl Store {
         number: Option<&str>,
     ) -> Result<Option<String>, StoreError> {
         let number = number.map(normalize_e164).transpose()?;
-        let done = sqlx::query("UPDATE trunk_groups SET failover_number = ? WHERE id = ?")
+        let done = sqlx::query("UPDATE trunk_groups SET failover_number = $1 WHERE id = $2")
             .bind(&number)
             .bind(id)
             .execute(&self.pool)
@@ -1244,8 +1414,8 @@ impl Store {
             }
         }
         let done = sqlx::query(
-            "UPDATE trunk_groups SET failover_pbx_uri = ?, failover_pbx_trunk_group = ? \
-             WHERE id = ?",
+            "UPDATE trunk_groups SET failover_pbx_uri = $1, failover_pbx_trunk_group = $2 \
+             WHERE id = $3",
         )
         .bind(&uri)
         .bind(group)
@@ -1277,7 +1447,7 @@ impl Store {
     ) -> Result<Did, StoreError> {
         let number = normalize_e164(number)?;
         let created_at = now();
-        sqlx::query("INSERT INTO dids (number, trunk_group_id, created_at) VALUES (?, ?, ?)")
+        sqlx::query("INSERT INTO dids (number, trunk_group_id, created_at) VALUES ($1, $2, $3)")
             .bind(&number)
             .bind(trunk_group_id)
             .bind(created_at)
@@ -1302,7 +1472,7 @@ impl Store {
     /// [`StoreError::InvalidNumber`], an unknown one `Ok(None)`.
     pub async fn did(&self, number: &str) -> Result<Option<Did>, StoreError> {
         let number = normalize_e164(number)?;
-        let did = sqlx::query_as(select_dids!("WHERE number = ?"))
+        let did = sqlx::query_as(select_dids!("WHERE number = $1"))
             .bind(&number)
             .fetch_optional(&self.pool)
             .await?;
@@ -1315,7 +1485,7 @@ impl Store {
         trunk_group_id: Option<TrunkGroupId>,
     ) -> Result<Vec<Did>, StoreError> {
         let dids = sqlx::query_as(select_dids!(
-            "WHERE ?1 IS NULL OR trunk_group_id = ?1 ORDER BY number"
+            "WHERE $1 IS NULL OR trunk_group_id = $1 ORDER BY number"
         ))
         .bind(trunk_group_id)
         .fetch_all(&self.pool)
@@ -1335,7 +1505,7 @@ impl Store {
         if failover_number.as_ref() == Some(&number) {
             return Err(StoreError::FailoverNumberIsDid(number));
         }
-        let done = sqlx::query("UPDATE dids SET failover_number = ? WHERE number = ?")
+        let done = sqlx::query("UPDATE dids SET failover_number = $1 WHERE number = $2")
             .bind(&failover_number)
             .bind(&number)
             .execute(&self.pool)
@@ -1349,7 +1519,7 @@ impl Store {
     /// Removes a DID, given with or without the `+`.
     pub async fn remove_did(&self, number: &str) -> Result<(), StoreError> {
         let number = normalize_e164(number)?;
-        let done = sqlx::query("DELETE FROM dids WHERE number = ?")
+        let done = sqlx::query("DELETE FROM dids WHERE number = $1")
             .bind(&number)
             .execute(&self.pool)
             .await?;
@@ -1419,8 +1589,8 @@ impl Store {
 
         // The write lock from the start: the look-ups below stay true until the commit.
         // Any early return drops the transaction, which rolls it back.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let Some(owner) = sqlx::query_as::<_, TrunkGroup>(select_trunk_groups!("WHERE id = ?"))
+        let mut tx = self.begin_write().await?;
+        let Some(owner) = sqlx::query_as::<_, TrunkGroup>(select_trunk_groups!("WHERE id = $1"))
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?
@@ -1429,7 +1599,7 @@ impl Store {
         };
         if let Some(FailoverPbx::TrunkGroup(pbx)) = pbx {
             let target: Option<AccountId> =
-                sqlx::query_scalar("SELECT account_id FROM trunk_groups WHERE id = ?")
+                sqlx::query_scalar("SELECT account_id FROM trunk_groups WHERE id = $1")
                     .bind(pbx)
                     .fetch_optional(&mut *tx)
                     .await?;
@@ -1447,7 +1617,7 @@ impl Store {
             }
         }
         let current: Vec<(String, Option<String>)> = sqlx::query_as(
-            "SELECT number, failover_number FROM dids WHERE trunk_group_id = ? ORDER BY number",
+            "SELECT number, failover_number FROM dids WHERE trunk_group_id = $1 ORDER BY number",
         )
         .bind(id)
         .fetch_all(&mut *tx)
@@ -1466,8 +1636,8 @@ impl Store {
                 Some(FailoverPbx::TrunkGroup(group)) => (None, Some(*group)),
             };
             sqlx::query(
-                "UPDATE trunk_groups SET failover_number = ?, failover_pbx_uri = ?, \
-                 failover_pbx_trunk_group = ? WHERE id = ?",
+                "UPDATE trunk_groups SET failover_number = $1, failover_pbx_uri = $2, \
+                 failover_pbx_trunk_group = $3 WHERE id = $4",
             )
             .bind(&global_number)
             .bind(uri)
@@ -1483,7 +1653,7 @@ impl Store {
         for (number, old) in &current {
             let new = dids.get(number);
             if old.as_ref() != new {
-                sqlx::query("UPDATE dids SET failover_number = ? WHERE number = ?")
+                sqlx::query("UPDATE dids SET failover_number = $1 WHERE number = $2")
                     .bind(new)
                     .bind(number)
                     .execute(&mut *tx)
@@ -1505,7 +1675,7 @@ impl Store {
         trunk_group: TrunkGroupId,
     ) -> Result<FailoverSettings, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let Some(group) = sqlx::query_as::<_, TrunkGroup>(select_trunk_groups!("WHERE id = ?"))
+        let Some(group) = sqlx::query_as::<_, TrunkGroup>(select_trunk_groups!("WHERE id = $1"))
             .bind(trunk_group)
             .fetch_optional(&mut *tx)
             .await?
@@ -1514,7 +1684,7 @@ impl Store {
         };
         let dids: Vec<(String, String)> = sqlx::query_as(
             "SELECT number, failover_number FROM dids \
-             WHERE trunk_group_id = ? AND failover_number IS NOT NULL ORDER BY number",
+             WHERE trunk_group_id = $1 AND failover_number IS NOT NULL ORDER BY number",
         )
         .bind(trunk_group)
         .fetch_all(&mut *tx)
@@ -1572,7 +1742,7 @@ impl Store {
         let id: TokenId = sqlx::query_scalar(
             "INSERT INTO api_tokens \
              (secret_sha256, account_id, trunk_group_id, label, created_at) \
-             VALUES (?, ?, ?, ?, ?) RETURNING id",
+             VALUES ($1, $2, $3, $4, $5) RETURNING id",
         )
         .bind(token_hash(&secret))
         .bind(account)
@@ -1610,7 +1780,7 @@ impl Store {
         let hash = token_hash(secret);
         let row = sqlx::query(concat!(
             "SELECT id, account_id, trunk_group_id, label, created_at, revoked_at, secret_sha256 ",
-            "FROM api_tokens WHERE secret_sha256 = ? AND revoked_at IS NULL"
+            "FROM api_tokens WHERE secret_sha256 = $1 AND revoked_at IS NULL"
         ))
         .bind(&hash)
         .fetch_optional(&self.pool)
@@ -1627,7 +1797,7 @@ impl Store {
 
     /// The token with this id, revoked or not.
     pub async fn token(&self, id: TokenId) -> Result<Option<ApiToken>, StoreError> {
-        let token = sqlx::query_as(select_tokens!("WHERE id = ?"))
+        let token = sqlx::query_as(select_tokens!("WHERE id = $1"))
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -1641,7 +1811,7 @@ impl Store {
         account: Option<AccountId>,
     ) -> Result<Vec<ApiToken>, StoreError> {
         let tokens = sqlx::query_as(select_tokens!(
-            "WHERE ?1 IS NULL OR account_id = ?1 ORDER BY id"
+            "WHERE $1 IS NULL OR account_id = $1 ORDER BY id"
         ))
         .bind(account)
         .fetch_all(&self.pool)
@@ -1653,8 +1823,8 @@ impl Store {
     /// that keeps the first revocation time; an unknown id is [`StoreError::TokenNotFound`].
     pub async fn revoke_token(&self, id: TokenId) -> Result<(), StoreError> {
         let done = sqlx::query(
-            "UPDATE api_tokens SET revoked_at = coalesce(revoked_at, max(?, created_at)) \
-             WHERE id = ?",
+            "UPDATE api_tokens SET revoked_at = coalesce(revoked_at, CASE WHEN $1 > created_at THEN $1 ELSE created_at END) \
+             WHERE id = $2",
         )
         .bind(now())
         .bind(id)
@@ -1686,7 +1856,7 @@ impl Store {
         sqlx::query(
             "INSERT INTO audit_log \
              (account_id, token_id, at_ms, action, object, before_json, after_json) \
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(entry.account)
         .bind(entry.token)
@@ -1710,7 +1880,7 @@ impl Store {
     ) -> Result<Vec<AuditEntry>, StoreError> {
         let entries = sqlx::query_as(
             "SELECT id, account_id, token_id, at_ms, action, object, before_json, after_json \
-             FROM audit_log WHERE account_id = ? ORDER BY at_ms DESC, id DESC LIMIT ?",
+             FROM audit_log WHERE account_id = $1 ORDER BY at_ms DESC, id DESC LIMIT $2",
         )
         .bind(account)
         .bind(i64::from(limit))
@@ -1730,7 +1900,7 @@ impl Store {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         if contacts == 0 {
-            sqlx::query("DELETE FROM presence WHERE server = ? AND trunk_group_id = ?")
+            sqlx::query("DELETE FROM presence WHERE server = $1 AND trunk_group_id = $2")
                 .bind(server)
                 .bind(trunk_group)
                 .execute(&self.pool)
@@ -1738,7 +1908,7 @@ impl Store {
         } else {
             sqlx::query(
                 "INSERT INTO presence (server, trunk_group_id, contacts, updated_at_ms) \
-                 VALUES (?, ?, ?, ?) ON CONFLICT (server, trunk_group_id) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (server, trunk_group_id) \
                  DO UPDATE SET contacts = excluded.contacts, updated_at_ms = excluded.updated_at_ms",
             )
             .bind(server)
@@ -1759,14 +1929,14 @@ impl Store {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM presence WHERE server = ?")
+        sqlx::query("DELETE FROM presence WHERE server = $1")
             .bind(server)
             .execute(&mut *tx)
             .await?;
         for &(group, contacts) in groups.iter().filter(|(_, n)| *n > 0) {
             sqlx::query(
                 "INSERT INTO presence (server, trunk_group_id, contacts, updated_at_ms) \
-                 VALUES (?, ?, ?, ?)",
+                 VALUES ($1, $2, $3, $4)",
             )
             .bind(server)
             .bind(group)
@@ -1787,7 +1957,7 @@ impl Store {
     ) -> Result<Vec<(String, i64, i64)>, StoreError> {
         let rows = sqlx::query_as(
             "SELECT server, contacts, updated_at_ms FROM presence \
-             WHERE trunk_group_id = ? ORDER BY server",
+             WHERE trunk_group_id = $1 ORDER BY server",
         )
         .bind(trunk_group)
         .fetch_all(&self.pool)
@@ -1805,7 +1975,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO health_reports (trunk_group_id, received_at_ms, report) VALUES (?, ?, ?)",
+            "INSERT INTO health_reports (trunk_group_id, received_at_ms, report) VALUES ($1, $2, $3)",
         )
         .bind(trunk_group)
         .bind(now_ms)
@@ -1813,8 +1983,8 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "DELETE FROM health_reports WHERE trunk_group_id = ?1 AND id NOT IN \
-             (SELECT id FROM health_reports WHERE trunk_group_id = ?1 ORDER BY id DESC LIMIT ?2)",
+            "DELETE FROM health_reports WHERE trunk_group_id = $1 AND id NOT IN \
+             (SELECT id FROM health_reports WHERE trunk_group_id = $1 ORDER BY id DESC LIMIT $2)",
         )
         .bind(trunk_group)
         .bind(HEALTH_REPORTS_KEPT)
@@ -1830,7 +2000,7 @@ impl Store {
         trunk_group: TrunkGroupId,
     ) -> Result<Option<(i64, String)>, StoreError> {
         let row = sqlx::query_as(
-            "SELECT received_at_ms, report FROM health_reports WHERE trunk_group_id = ? \
+            "SELECT received_at_ms, report FROM health_reports WHERE trunk_group_id = $1 \
              ORDER BY id DESC LIMIT 1",
         )
         .bind(trunk_group)
@@ -1872,8 +2042,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("state").join("nested");
         let store = Store::open(&data).await.unwrap();
-        assert_eq!(store.path(), data.join(STORE_FILE));
-        assert!(store.path().is_file());
+        assert_eq!(store.location(), &StoreLocation::Embedded(data.clone()));
+        assert_eq!(store.backend(), Backend::Sqlite);
+        assert!(data.join(STORE_FILE).is_file());
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -2671,7 +2842,7 @@ mod tests {
             Some(group.clone())
         );
         let (uri_col, group_col): (Option<String>, Option<i64>) = sqlx::query_as(
-            "SELECT failover_pbx_uri, failover_pbx_trunk_group FROM trunk_groups WHERE id = ?",
+            "SELECT failover_pbx_uri, failover_pbx_trunk_group FROM trunk_groups WHERE id = $1",
         )
         .bind(main.id)
         .fetch_one(&store.pool)
@@ -2713,7 +2884,7 @@ mod tests {
             None
         );
         let (uri_col, group_col): (Option<String>, Option<i64>) = sqlx::query_as(
-            "SELECT failover_pbx_uri, failover_pbx_trunk_group FROM trunk_groups WHERE id = ?",
+            "SELECT failover_pbx_uri, failover_pbx_trunk_group FROM trunk_groups WHERE id = $1",
         )
         .bind(main.id)
         .fetch_one(&store.pool)
@@ -3006,7 +3177,7 @@ mod tests {
         let path = dir.path().join(STORE_FILE);
         // Only the first migration, as an older Lifeline left the file.
         {
-            let pool = SqlitePoolOptions::new()
+            let pool = sqlx::sqlite::SqlitePoolOptions::new()
                 .connect_with(sqlite_options(&path).foreign_keys(true))
                 .await
                 .unwrap();
@@ -3032,7 +3203,7 @@ mod tests {
             sqlx::query(
                 "INSERT INTO trunk_groups \
                  (account_id, name, username, realm, ha1_md5, ha1_sha256, created_at) \
-                 VALUES (1, 'main', 'acme', 'r', ?, ?, 2)",
+                 VALUES (1, 'main', 'acme', 'r', $1, $2, 2)",
             )
             .bind("0".repeat(32))
             .bind("0".repeat(64))
@@ -3176,7 +3347,7 @@ mod tests {
             ]
         );
         let (uri, group): (Option<String>, Option<i64>) = sqlx::query_as(
-            "SELECT failover_pbx_uri, failover_pbx_trunk_group FROM trunk_groups WHERE id = ?",
+            "SELECT failover_pbx_uri, failover_pbx_trunk_group FROM trunk_groups WHERE id = $1",
         )
         .bind(main.id)
         .fetch_one(&store.pool)
@@ -3545,7 +3716,7 @@ mod tests {
             .await
             .unwrap();
         let stored: String =
-            sqlx::query_scalar("SELECT secret_sha256 FROM api_tokens WHERE id = ?")
+            sqlx::query_scalar("SELECT secret_sha256 FROM api_tokens WHERE id = $1")
                 .bind(token.id)
                 .fetch_one(&store.pool)
                 .await
@@ -3622,7 +3793,7 @@ mod tests {
         // Again: a success that keeps the first time.
         sqlx::query(
             "UPDATE api_tokens SET created_at = created_at - 10, revoked_at = revoked_at - 5 \
-             WHERE id = ?",
+             WHERE id = $1",
         )
         .bind(gone.id)
         .execute(&store.pool)
@@ -3725,7 +3896,7 @@ mod tests {
             sqlx::query(
                 "INSERT INTO api_tokens \
                  (secret_sha256, account_id, trunk_group_id, label, created_at) \
-                 VALUES (?, ?, ?, '', 1)",
+                 VALUES ($1, $2, $3, '', 1)",
             )
             .bind(hash)
             .bind(account)
@@ -3941,7 +4112,7 @@ mod tests {
         assert!(store.audit(999, 100).await.unwrap().is_empty());
 
         // Newest by time first, even if written out of order (a clock that stepped back).
-        sqlx::query("UPDATE audit_log SET at_ms = at_ms + 60000 WHERE id = ?")
+        sqlx::query("UPDATE audit_log SET at_ms = at_ms + 60000 WHERE id = $1")
             .bind(trail[2].id)
             .execute(&store.pool)
             .await
@@ -4027,7 +4198,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(STORE_FILE);
         {
-            let pool = SqlitePoolOptions::new()
+            let pool = sqlx::sqlite::SqlitePoolOptions::new()
                 .connect_with(sqlite_options(&path).foreign_keys(true))
                 .await
                 .unwrap();
@@ -4054,7 +4225,7 @@ mod tests {
                 "INSERT INTO trunk_groups \
                  (account_id, name, username, realm, ha1_md5, ha1_sha256, created_at, \
                   failover_number) \
-                 VALUES (1, 'main', 'acme', 'r', ?, ?, 2, '+15550002222')",
+                 VALUES (1, 'main', 'acme', 'r', $1, $2, 2, '+15550002222')",
             )
             .bind("0".repeat(32))
             .bind("0".repeat(64))

@@ -4,6 +4,7 @@
 
 pub mod dns;
 pub mod http;
+pub mod postgres;
 pub mod sipp;
 
 use std::io::{BufRead, BufReader};
@@ -133,16 +134,18 @@ pub fn run_carrier(data_dir: &Path, args: &[&str]) -> Output {
     }
 }
 
-/// Runs `lifeline-carrier admin ARGS` on the data folder `dir/data` and returns its standard
-/// output; panics with its error output when it fails.
+/// Runs `lifeline-carrier admin ARGS` on the data folder `dir/data` (with `dir/carrier.toml`
+/// when a carrier was started there) and returns its standard output; panics with its error
+/// output when it fails.
 pub fn admin(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new(carrier_bin())
-        .arg("admin")
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .args(args)
-        .output()
-        .expect("run lifeline-carrier admin");
+    let mut cmd = Command::new(carrier_bin());
+    cmd.arg("admin").arg("--data-dir").arg(dir.join("data"));
+    // A started carrier's config may name a shared store (`store_url`): use the same.
+    let config = dir.join("carrier.toml");
+    if config.exists() {
+        cmd.arg("--config").arg(config);
+    }
+    let out = cmd.args(args).output().expect("run lifeline-carrier admin");
     assert!(
         out.status.success(),
         "admin {args:?} failed: {}",

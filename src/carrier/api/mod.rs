@@ -24,6 +24,8 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use self::error::ApiError;
+use super::call_log::CallLog;
+use super::customers::{Customers, StoreHealth};
 use super::store::{AccountId, ApiToken, Store, TokenScope, TrunkGroup};
 
 /// The largest request body accepted.
@@ -33,12 +35,26 @@ pub const BODY_LIMIT: usize = 64 * 1024;
 #[derive(Clone)]
 pub struct ApiState {
     pub store: Store,
+    /// This trunk server's name.
+    pub server_name: String,
+    /// This server's running state, for `GET /v1/server`.
+    pub server: ServerView,
+    /// This server's call records.
+    pub call_log: CallLog,
     /// The digest realm passwords are hashed for.
     pub realm: String,
     /// E.164 prefixes failover numbers must start with (toll-fraud protection).
     pub failover_prefixes: Arc<Vec<String>>,
     /// The trunk servers, by name (this one and its peers): a PBX should be registered on all.
     pub trunk_servers: Arc<Vec<String>>,
+}
+
+/// What the API reports of the running server: the configuration copy it routes from and
+/// whether the store answers.
+#[derive(Clone)]
+pub struct ServerView {
+    pub customers: tokio::sync::watch::Receiver<Arc<Customers>>,
+    pub store_health: Arc<StoreHealth>,
 }
 
 /// The `/v1` routes.
@@ -66,6 +82,8 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/trunk-groups/{id}/health", post(post_health))
         .route("/v1/trunk-groups/{id}/status", get(get_status))
+        .route("/v1/trunk-groups/{id}/calls", get(trunk_group_calls))
+        .route("/v1/server", get(get_server))
         .route("/v1/dids", post(create_did).get(list_dids))
         .route(
             "/v1/dids/{number}",

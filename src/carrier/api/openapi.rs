@@ -99,6 +99,17 @@ pub fn document() -> Value {
                 "parameters": id("id"),
                 "get": {"summary": "Where the group is registered now, its last health report, and warnings (failover configured but not registered on every trunk server)", "responses": ok("200", r("Status"), &["401", "404"])}
             },
+            "/v1/trunk-groups/{id}/calls": {
+                "parameters": id("id"),
+                "get": {
+                    "summary": "The group's newest calls handled by this trunk server, newest first, each with every target tried (the path it took); each server keeps its own",
+                    "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}}],
+                    "responses": ok("200", list("Call"), &["401", "404", "503"])
+                }
+            },
+            "/v1/server": {
+                "get": {"summary": "This trunk server: its name, whether its configuration store answers, and the configuration version it routes from (no token needed)", "security": [], "responses": ok("200", r("Server"), &["503"])}
+            },
             "/v1/dids": {
                 "get": {
                     "summary": "The DIDs this token sees",
@@ -124,8 +135,35 @@ pub fn document() -> Value {
     })
 }
 
-/// The component schemas (a second `json!`: one would exceed the macro recursion limit).
+/// The component schemas (`json!`s of their own: one would exceed the macro recursion limit).
 fn schemas() -> Value {
+    let mut all = configuration_schemas();
+    if let (Some(all), Value::Object(more)) = (all.as_object_mut(), running_schemas()) {
+        all.extend(more);
+    }
+    all
+}
+
+/// What the running server reports: calls and itself.
+fn running_schemas() -> Value {
+    json!({
+        "Call": {"type": "object", "properties": {
+            "call_id": {"type": "string"}, "did": {"type": "string"}, "server": {"type": "string", "description": "the trunk server that handled it"},
+            "source": {"type": "string"}, "from_peer": {"type": ["string", "null"]},
+            "started_at_ms": {"type": "integer"}, "duration_ms": {"type": "integer"}, "status": {"type": "integer", "description": "the final status the caller got"},
+            "outcome": {"type": "string"}, "answered_by": {"type": ["string", "null"]},
+            "attempts": {"type": "array", "items": {"type": "object", "properties": {
+                "stage": {"type": "string", "description": "primary, failover PBX, failover number or next trunk server"},
+                "target": {"type": "string"}, "offset_ms": {"type": "integer"}, "duration_ms": {"type": ["integer", "null"]}, "outcome": {"type": "string"}}}}}},
+        "Server": {"type": "object", "properties": {
+            "server": {"type": "string"},
+            "store": {"type": "object", "properties": {"backend": {"enum": ["sqlite", "postgres"]}, "reachable": {"type": "boolean"}, "unreachable_since_ms": {"type": "integer"}}},
+            "configuration_version": {"type": "integer"}}}
+    })
+}
+
+/// Accounts, tokens, trunk groups, DIDs, failover, health and audit.
+fn configuration_schemas() -> Value {
     let r = |schema: &str| json!({"$ref": format!("#/components/schemas/{schema}")});
     json!({
         "Error": {"type": "object", "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
@@ -193,6 +231,7 @@ fn describe(code: &str) -> &'static str {
         "409" => "a duplicate, or the object is still in use",
         "413" => "the body is too large",
         "422" => "a field was refused (the error names it)",
+        "503" => "the store (or this server's call records) could not be read",
         _ => "error",
     }
 }

@@ -10,10 +10,12 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use super::error::ApiError;
 use super::{ApiState, Body, Caller};
+use crate::carrier::call_log::CallLogError;
+use crate::carrier::call_record::CallRecord;
 use crate::carrier::delivery_rule::FailoverPbx;
 use crate::carrier::store::{
-    Account, AccountId, ApiToken, AuditEntry, Did, FailoverSettings, NewAuditEntry, StoreError,
-    TokenId, TokenScope, TrunkGroup, TrunkGroupId, normalize_e164,
+    Account, AccountId, ApiToken, AuditEntry, Backend, Did, FailoverSettings, NewAuditEntry,
+    StoreError, TokenId, TokenScope, TrunkGroup, TrunkGroupId, normalize_e164,
 };
 
 type Result<T> = std::result::Result<T, ApiError>;
@@ -1269,4 +1271,134 @@ pub async fn get_status(
         }),
         warnings,
     }))
+}
+
+// === Call records ===
+
+#[derive(Serialize)]
+pub struct AttemptView {
+    stage: String,
+    target: String,
+    offset_ms: u64,
+    duration_ms: Option<u64>,
+    outcome: String,
+}
+
+#[derive(Serialize)]
+pub struct CallView {
+    call_id: String,
+    did: String,
+    server: String,
+    source: String,
+    from_peer: Option<String>,
+    started_at_ms: i64,
+    duration_ms: u64,
+    status: u16,
+    outcome: String,
+    answered_by: Option<String>,
+    attempts: Vec<AttemptView>,
+}
+
+impl From<CallRecord> for CallView {
+    fn from(c: CallRecord) -> Self {
+        CallView {
+            call_id: c.call_id,
+            did: c.did,
+            server: c.server,
+            source: c.source,
+            from_peer: c.from_peer,
+            started_at_ms: c.started_at_ms,
+            duration_ms: c.duration_ms,
+            status: c.status,
+            outcome: c.outcome,
+            answered_by: c.answered_by,
+            attempts: c
+                .attempts
+                .into_iter()
+                .map(|a| AttemptView {
+                    stage: a.stage,
+                    target: a.target,
+                    offset_ms: a.offset_ms,
+                    duration_ms: a.duration_ms,
+                    outcome: a.outcome,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The trunk group's newest calls that this trunk server handled, newest first, each with
+/// every target tried: the path the call took. Records are this server's own (each server
+/// keeps its calls in its data folder); ask each server for its share.
+pub async fn trunk_group_calls(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<TrunkGroupId>,
+    Query(q): Query<AuditQuery>,
+) -> Result<Json<Vec<CallView>>> {
+    visible_group(&state, &caller, id).await?;
+    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    let unavailable = |e: CallLogError| {
+        tracing::warn!(error = %e, "API: call records not read");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "call_log_unavailable",
+            "the call records could not be read",
+        )
+    };
+    // Records are written behind the calls: write what is queued, so a call that just ended
+    // is in the answer.
+    state.call_log.flush().await.map_err(unavailable)?;
+    let calls = state
+        .call_log
+        .recent_of_trunk_group(id, limit)
+        .await
+        .map_err(unavailable)?;
+    Ok(Json(calls.into_iter().map(CallView::from).collect()))
+}
+
+// === This server ===
+
+#[derive(Serialize)]
+pub struct StoreView {
+    /// `sqlite` (embedded) or `postgres` (shared).
+    backend: &'static str,
+    reachable: bool,
+    /// When it stopped answering (Unix milliseconds); absent while reachable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unreachable_since_ms: Option<i64>,
+}
+
+#[derive(Serialize)]
+pub struct ServerStatusView {
+    /// This trunk server's name.
+    server: String,
+    store: StoreView,
+    /// The store's change counter of the configuration this server routes from.
+    configuration_version: i64,
+}
+
+/// This server's own state; no token needed (it tells nothing about customers), so a load
+/// balancer or monitor can ask, and it answers while the store is down: 200 when the store
+/// answers, 503 when it does not (the API cannot serve then; SIP routing goes on).
+pub async fn get_server(State(state): State<ApiState>) -> (StatusCode, Json<ServerStatusView>) {
+    let since = state.server.store_health.unreachable_since_ms();
+    let view = ServerStatusView {
+        server: state.server_name.clone(),
+        store: StoreView {
+            backend: match state.store.backend() {
+                Backend::Sqlite => "sqlite",
+                Backend::Postgres => "postgres",
+            },
+            reachable: since.is_none(),
+            unreachable_since_ms: since,
+        },
+        configuration_version: state.server.customers.borrow().version,
+    };
+    let status = if since.is_none() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(view))
 }
