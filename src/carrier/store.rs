@@ -2010,20 +2010,47 @@ impl Store {
     }
 }
 
+/// The integration tests' throw-away PostgreSQL cluster, for running these tests on it.
+#[cfg(test)]
+#[path = "../../tests/common/postgres.rs"]
+mod test_postgres;
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const REALM: &str = "lifeline.test";
 
-    async fn open() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
-        (dir, store)
+    /// What keeps a test's store alive: its folder, or its PostgreSQL cluster too.
+    #[allow(dead_code)]
+    enum Kept {
+        Dir(tempfile::TempDir),
+        Postgres(test_postgres::Postgres),
+    }
+
+    /// A fresh store: embedded, or with `LIFELINE_TEST_STORE=postgres` (as `scripts/test`
+    /// runs these tests a second time) on a PostgreSQL cluster of the test's own. Tests of
+    /// SQLite itself (files, modes, migrations of old files) call [`Store::open`] directly.
+    async fn open() -> (Kept, Store) {
+        match std::env::var("LIFELINE_TEST_STORE").as_deref() {
+            Ok("postgres") => {
+                let pg = test_postgres::Postgres::start(std::net::Ipv4Addr::LOCALHOST);
+                let store = Store::connect(&StoreLocation::Postgres(pg.url()))
+                    .await
+                    .unwrap();
+                (Kept::Postgres(pg), store)
+            }
+            Err(std::env::VarError::NotPresent) => {
+                let dir = tempfile::tempdir().unwrap();
+                let store = Store::open(dir.path()).await.unwrap();
+                (Kept::Dir(dir), store)
+            }
+            other => panic!("LIFELINE_TEST_STORE={other:?}: `postgres` or unset"),
+        }
     }
 
     /// An account and a trunk group under it, ids 1 and 1.
-    async fn seeded() -> (tempfile::TempDir, Store, Account, TrunkGroup) {
+    async fn seeded() -> (Kept, Store, Account, TrunkGroup) {
         let (dir, store) = open().await;
         let account = store.create_account("Acme").await.unwrap();
         let group = store
@@ -2031,6 +2058,28 @@ mod tests {
             .await
             .unwrap();
         (dir, store, account, group)
+    }
+
+    /// A constraint the schema enforces.
+    #[derive(Debug, Clone, Copy)]
+    enum Violation {
+        Check,
+        ForeignKey,
+        Unique,
+    }
+
+    /// Whether `err` is the database refusing a row for `want`, on either backend.
+    fn violates(err: &sqlx::Error, want: Violation) -> bool {
+        use sqlx::error::ErrorKind;
+        let sqlx::Error::Database(db) = err else {
+            return false;
+        };
+        matches!(
+            (want, db.kind()),
+            (Violation::Check, ErrorKind::CheckViolation)
+                | (Violation::ForeignKey, ErrorKind::ForeignKeyViolation)
+                | (Violation::Unique, ErrorKind::UniqueViolation)
+        )
     }
 
     fn is_duplicate(r: Result<impl std::fmt::Debug, StoreError>, want: UniqueField) -> bool {
@@ -2996,39 +3045,39 @@ mod tests {
                 .map(|_| ())
         };
         store.create_did("+442071234567", main.id).await.unwrap();
-        let check = "CHECK constraint failed";
+        let check = Violation::Check;
         for (sql, want) in [
             (
-                "UPDATE trunk_groups SET failover_number = '15550002222' WHERE id = ?",
+                "UPDATE trunk_groups SET failover_number = '15550002222' WHERE id = $1",
                 check,
             ),
             (
-                "UPDATE trunk_groups SET failover_pbx_uri = 'http://x' WHERE id = ?",
+                "UPDATE trunk_groups SET failover_pbx_uri = 'http://x' WHERE id = $1",
                 check,
             ),
             (
-                "UPDATE trunk_groups SET failover_pbx_trunk_group = id WHERE id = ?",
+                "UPDATE trunk_groups SET failover_pbx_trunk_group = id WHERE id = $1",
                 check,
             ),
             (
                 "UPDATE trunk_groups SET failover_pbx_uri = 'sip:x.example', \
-                 failover_pbx_trunk_group = 2 WHERE id = ?",
+                 failover_pbx_trunk_group = 2 WHERE id = $1",
                 check,
             ),
             (
-                "UPDATE trunk_groups SET failover_pbx_trunk_group = 999 WHERE id = ?",
-                "FOREIGN KEY constraint failed",
+                "UPDATE trunk_groups SET failover_pbx_trunk_group = 999 WHERE id = $1",
+                Violation::ForeignKey,
             ),
             (
-                "UPDATE dids SET failover_number = '15550002222' WHERE trunk_group_id = ?",
+                "UPDATE dids SET failover_number = '15550002222' WHERE trunk_group_id = $1",
                 check,
             ),
         ] {
             let err = update(sql).await.unwrap_err();
-            assert!(err.to_string().contains(want), "{sql}: {err}");
+            assert!(violates(&err, want), "{sql}: {err}");
         }
         let version = store.config_version().await.unwrap();
-        update("UPDATE trunk_groups SET failover_pbx_trunk_group = 2 WHERE id = ?")
+        update("UPDATE trunk_groups SET failover_pbx_trunk_group = 2 WHERE id = $1")
             .await
             .unwrap();
         assert_eq!(backup.id, 2);
@@ -3238,7 +3287,7 @@ mod tests {
 
     /// Acme's trunk groups `main` (DIDs +442071234567, +442071234568, +442071234569) and
     /// `backup`; Globex's trunk group `main` with DID +15557770000.
-    async fn plan_fixture() -> (tempfile::TempDir, Store, TrunkGroup, TrunkGroup, TrunkGroup) {
+    async fn plan_fixture() -> (Kept, Store, TrunkGroup, TrunkGroup, TrunkGroup) {
         let (dir, store, acme, main) = seeded().await;
         let backup = store
             .create_trunk_group(acme.id, "backup", "acme-backup", "pw", REALM)
@@ -3530,13 +3579,19 @@ mod tests {
         ));
 
         // A failure half way through the writes rolls back the part already written.
-        sqlx::query(
-            "CREATE TRIGGER fail_late BEFORE UPDATE ON dids WHEN NEW.number = '+442071234569' \
-             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
-        )
-        .execute(&store.pool)
-        .await
-        .unwrap();
+        let trigger = match store.backend() {
+            Backend::Sqlite => {
+                "CREATE TRIGGER fail_late BEFORE UPDATE ON dids WHEN NEW.number = '+442071234569' \
+                 BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+            }
+            Backend::Postgres => {
+                "CREATE FUNCTION fail_late() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN RAISE EXCEPTION 'refused by the test'; END; $$; \
+                 CREATE TRIGGER fail_late BEFORE UPDATE ON dids FOR EACH ROW \
+                 WHEN (NEW.number = '+442071234569') EXECUTE FUNCTION fail_late();"
+            }
+        };
+        sqlx::raw_sql(trigger).execute(&store.pool).await.unwrap();
         let err = store
             .set_failover_plan(main.id, &with(&|_| {}))
             .await
@@ -3617,14 +3672,7 @@ mod tests {
     }
 
     /// Acme (with trunk group `main`) and Globex (with trunk group `main`).
-    async fn token_fixture() -> (
-        tempfile::TempDir,
-        Store,
-        Account,
-        TrunkGroup,
-        Account,
-        TrunkGroup,
-    ) {
+    async fn token_fixture() -> (Kept, Store, Account, TrunkGroup, Account, TrunkGroup) {
         let (dir, store, acme, main) = seeded().await;
         let globex = store.create_account("Globex").await.unwrap();
         let other = store
@@ -3710,7 +3758,10 @@ mod tests {
 
     #[tokio::test]
     async fn only_the_sha256_of_a_secret_is_stored() {
-        let (dir, store, acme, _main) = seeded().await;
+        // SQLite's files are read below.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let acme = store.create_account("Acme").await.unwrap();
         let (token, secret) = store
             .create_token(TokenScope::Account(acme.id), "portal")
             .await
@@ -3907,36 +3958,18 @@ mod tests {
         };
         let hash = "a".repeat(64);
         for (account, group, hash, want) in [
-            (
-                None,
-                Some(main.id),
-                hash.as_str(),
-                "CHECK constraint failed",
-            ),
-            (
-                Some(globex.id),
-                Some(main.id),
-                &hash,
-                "FOREIGN KEY constraint failed",
-            ),
-            (Some(999), None, &hash, "FOREIGN KEY constraint failed"),
-            (Some(acme.id), None, "abc", "CHECK constraint failed"),
-            (
-                Some(acme.id),
-                None,
-                &"A".repeat(64),
-                "CHECK constraint failed",
-            ),
+            (None, Some(main.id), hash.as_str(), Violation::Check),
+            (Some(globex.id), Some(main.id), &hash, Violation::ForeignKey),
+            (Some(999), None, &hash, Violation::ForeignKey),
+            (Some(acme.id), None, "abc", Violation::Check),
+            (Some(acme.id), None, &"A".repeat(64), Violation::Check),
         ] {
             let err = insert(account, group, hash).await.unwrap_err();
-            assert!(
-                err.to_string().contains(want),
-                "{account:?} {group:?}: {err}"
-            );
+            assert!(violates(&err, want), "{account:?} {group:?}: {err}");
         }
         insert(Some(acme.id), Some(main.id), &hash).await.unwrap();
         let err = insert(Some(acme.id), None, &hash).await.unwrap_err();
-        assert!(err.to_string().contains("UNIQUE"), "{err}");
+        assert!(violates(&err, Violation::Unique), "{err}");
     }
 
     #[tokio::test]

@@ -20,10 +20,6 @@ const PG_CTL_WAIT_SECS: u32 = 60;
 /// How long the server has to accept connections (`pg_isready`) once `pg_ctl` is done.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-unsafe extern "C" {
-    safe fn geteuid() -> u32;
-}
-
 /// A PostgreSQL cluster in a temporary folder, stopped (`-m immediate`) when dropped.
 pub struct Postgres {
     dir: tempfile::TempDir,
@@ -291,7 +287,7 @@ fn bin_dir() -> PathBuf {
 }
 
 fn as_root() -> bool {
-    geteuid() == 0
+    nix::unistd::geteuid().is_root()
 }
 
 /// A port of `addr` that was free a moment ago.
