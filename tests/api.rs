@@ -253,6 +253,32 @@ fn tokens_and_accounts(net: Net) {
     expect(&api.get(&format!("/v1/accounts/{b}"), &op), 404);
     // Unknown paths are JSON 404s too.
     assert_eq!(api.get("/v1/nothing", &op).code(), "not_found");
+    // An id that is not a number, an unknown or malformed query parameter: JSON errors
+    // naming the field.
+    for (path, code, field) in [
+        ("/v1/accounts/abc", "invalid_path", "id"),
+        ("/v1/trunk-groups/1x/failover", "invalid_path", "id"),
+        (
+            "/v1/trunk-groups?account_id=x",
+            "invalid_query",
+            "account_id",
+        ),
+        ("/v1/trunk-groups?colour=red", "invalid_query", "colour"),
+        ("/v1/dids?trunk_group=-", "invalid_query", "trunk_group"),
+        (
+            &format!("/v1/accounts/{a}/audit?limit=1&limit=2x"),
+            "invalid_query",
+            "limit",
+        ),
+    ] {
+        let r = api.get(path, &op);
+        assert_eq!(
+            (r.status, r.code(), r.field()),
+            (422, code, field),
+            "{path}: {}",
+            r.text
+        );
+    }
 }
 
 fn trunk_groups_dids_failover_and_audit(net: Net) {

@@ -229,6 +229,55 @@ impl<T: DeserializeOwned> FromRequest<ApiState> for Body<T> {
     }
 }
 
+// === Path and query parameters ===
+
+/// A numeric id from the path; one that is not a number is a JSON error naming `id`.
+pub struct Id<T>(pub T);
+
+impl<T: DeserializeOwned + Send> FromRequestParts<ApiState> for Id<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(Id(v)),
+            Err(e) => Err(ApiError::invalid("id", "invalid_path", e.body_text())),
+        }
+    }
+}
+
+/// Query parameters; an unknown or malformed one is a JSON error naming it.
+pub struct Params<T>(pub T);
+
+impl<T: DeserializeOwned + Send> FromRequestParts<ApiState> for Params<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &ApiState) -> Result<Self, ApiError> {
+        let query = parts.uri.query().unwrap_or("");
+        match serde_urlencoded::from_str::<T>(query) {
+            Ok(v) => Ok(Params(v)),
+            Err(e) => {
+                let message = e.to_string();
+                // serde names an unknown key but not the key whose value it could not read:
+                // the first key that fails on its own is the one.
+                let field = unknown_field(&message).or_else(|| {
+                    query
+                        .split('&')
+                        .find(|pair| serde_urlencoded::from_str::<T>(pair).is_err())
+                        .map(|pair| pair.split('=').next().unwrap_or(pair).to_string())
+                });
+                Err(ApiError {
+                    field,
+                    ..ApiError::new(
+                        axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                        "invalid_query",
+                        format!("query string: {message}"),
+                    )
+                })
+            }
+        }
+    }
+}
+
 /// The field serde complained about: "unknown field `x`" or "... at line 1 column 5" with a
 /// path like "dids.+1555: ...".
 fn unknown_field(message: &str) -> Option<String> {

@@ -4,12 +4,12 @@
 use std::collections::BTreeMap;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use super::error::ApiError;
-use super::{ApiState, Body, Caller};
+use super::{ApiState, Body, Caller, Id, Params};
 use crate::carrier::call_log::CallLogError;
 use crate::carrier::call_record::CallRecord;
 use crate::carrier::delivery_rule::FailoverPbx;
@@ -360,7 +360,7 @@ pub async fn list_accounts(
 pub async fn get_account(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(id): Path<AccountId>,
+    Id(id): Id<AccountId>,
 ) -> Result<Json<AccountView>> {
     match state.store.account(id).await {
         Ok(Some(a)) if caller.sees_account(a.id) => Ok(Json(a.into())),
@@ -372,9 +372,9 @@ pub async fn get_account(
 pub async fn delete_account(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(id): Path<AccountId>,
+    Id(id): Id<AccountId>,
 ) -> Result<StatusCode> {
-    let account = get_account(State(state.clone()), caller.clone(), Path(id))
+    let account = get_account(State(state.clone()), caller.clone(), Id(id))
         .await?
         .0;
     if caller.scope() != TokenScope::Operator {
@@ -407,8 +407,8 @@ pub struct AuditQuery {
 pub async fn account_audit(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(id): Path<AccountId>,
-    Query(q): Query<AuditQuery>,
+    Id(id): Id<AccountId>,
+    Params(q): Params<AuditQuery>,
 ) -> Result<Json<Vec<AuditView>>> {
     if !caller.sees_account(id) || matches!(caller.scope(), TokenScope::TrunkGroup { .. }) {
         return Err(ApiError::not_found("account"));
@@ -545,7 +545,7 @@ pub async fn list_tokens(
 pub async fn revoke_token(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(id): Path<TokenId>,
+    Id(id): Id<TokenId>,
 ) -> Result<StatusCode> {
     let token = match state.store.token(id).await {
         Ok(Some(t)) => t,
@@ -703,7 +703,7 @@ pub struct GroupFilter {
 pub async fn list_trunk_groups(
     State(state): State<ApiState>,
     caller: Caller,
-    Query(q): Query<GroupFilter>,
+    Params(q): Params<GroupFilter>,
 ) -> Result<Json<Vec<TrunkGroupView>>> {
     let groups = state
         .store
@@ -722,7 +722,7 @@ pub async fn list_trunk_groups(
 pub async fn get_trunk_group(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(id): Path<TrunkGroupId>,
+    Id(id): Id<TrunkGroupId>,
 ) -> Result<Json<TrunkGroupView>> {
     Ok(Json(visible_group(&state, &caller, id).await?.into()))
 }
@@ -741,7 +741,7 @@ pub struct TrunkGroupPatch {
 pub async fn update_trunk_group(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(id): Path<TrunkGroupId>,
+    Id(id): Id<TrunkGroupId>,
     Body(patch): Body<TrunkGroupPatch>,
 ) -> Result<Json<TrunkGroupView>> {
     let group = visible_group(&state, &caller, id).await?;
@@ -815,7 +815,7 @@ pub async fn update_trunk_group(
 pub async fn delete_trunk_group(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(id): Path<TrunkGroupId>,
+    Id(id): Id<TrunkGroupId>,
 ) -> Result<StatusCode> {
     let group = visible_group(&state, &caller, id).await?;
     if !caller.manages(group.account_id) {
@@ -847,7 +847,7 @@ pub async fn delete_trunk_group(
 pub async fn get_failover(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(id): Path<TrunkGroupId>,
+    Id(id): Id<TrunkGroupId>,
 ) -> Result<Json<FailoverView>> {
     visible_group(&state, &caller, id).await?;
     let plan = state
@@ -861,7 +861,7 @@ pub async fn get_failover(
 pub async fn put_failover(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(id): Path<TrunkGroupId>,
+    Id(id): Id<TrunkGroupId>,
     Body(body): Body<FailoverView>,
 ) -> Result<Json<FailoverView>> {
     let group = visible_group(&state, &caller, id).await?;
@@ -1015,7 +1015,7 @@ pub struct DidFilter {
 pub async fn list_dids(
     State(state): State<ApiState>,
     caller: Caller,
-    Query(q): Query<DidFilter>,
+    Params(q): Params<DidFilter>,
 ) -> Result<Json<Vec<DidView>>> {
     let groups: std::collections::HashMap<TrunkGroupId, TrunkGroup> = state
         .store
@@ -1172,7 +1172,7 @@ pub struct ServerRegistration {
 pub async fn post_health(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(id): Path<TrunkGroupId>,
+    Id(id): Id<TrunkGroupId>,
     Body(report): Body<HealthReport>,
 ) -> Result<StatusCode> {
     visible_group(&state, &caller, id).await?;
@@ -1217,7 +1217,7 @@ pub struct StatusView {
 pub async fn get_status(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(id): Path<TrunkGroupId>,
+    Id(id): Id<TrunkGroupId>,
 ) -> Result<Json<StatusView>> {
     visible_group(&state, &caller, id).await?;
     let store_err = |e| ApiError::store(e, "");
@@ -1333,8 +1333,8 @@ impl From<CallRecord> for CallView {
 pub async fn trunk_group_calls(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(id): Path<TrunkGroupId>,
-    Query(q): Query<AuditQuery>,
+    Id(id): Id<TrunkGroupId>,
+    Params(q): Params<AuditQuery>,
 ) -> Result<Json<Vec<CallView>>> {
     visible_group(&state, &caller, id).await?;
     let limit = q.limit.unwrap_or(50).clamp(1, 1000);
