@@ -576,6 +576,29 @@ fn trunk_groups_dids_failover_and_audit(net: Net) {
     assert!(entries.iter().any(|e| e["action"] == "trunk_group.create"));
     assert!(!r.text.contains("s3cret"), "{}", r.text);
     expect(&api.get(&format!("/v1/accounts/{a}/audit"), &tb), 404);
+    // The agent may name another trunk group of its account as the failover PBX (it cannot
+    // see that group otherwise), never another account's.
+    let r = api.call(
+        "PUT",
+        &fpath,
+        &agent,
+        Some(json!({"global_number": "+15550000004", "pbx": {"trunk_group": g2}})),
+    );
+    expect(&r, 200);
+    let r = api.call(
+        "PUT",
+        &fpath,
+        &agent,
+        Some(json!({"pbx": {"trunk_group": other}})),
+    );
+    assert_eq!((r.status, r.field()), (422, "failover_pbx"), "{}", r.text);
+    let r = api.call(
+        "PUT",
+        &fpath,
+        &agent,
+        Some(json!({"global_number": "+15550000004"})),
+    );
+    expect(&r, 200);
 
     // Removal: a DID, then (once nothing refers to it) a trunk group.
     expect(&api.call("DELETE", "/v1/dids/+15551230001", &ta, None), 204);

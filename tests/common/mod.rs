@@ -6,6 +6,7 @@ pub mod dns;
 pub mod http;
 pub mod postgres;
 pub mod sipp;
+pub mod uas;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

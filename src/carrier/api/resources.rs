@@ -293,14 +293,22 @@ async fn visible_did(state: &ApiState, caller: &Caller, number: &str) -> Result<
 
 /// The failover PBX checked for the caller: a trunk group it cannot see does not exist.
 async fn check_pbx(state: &ApiState, caller: &Caller, pbx: &PbxView) -> Result<()> {
+    // Any trunk group of the caller's account may be named, also by an agent's token, which
+    // sees only its own group; another account's is as unknown as a missing one. (The store
+    // then refuses a group of another account than the owner's, or the group itself.)
     if let PbxView::TrunkGroup(id) = pbx {
-        visible_group(state, caller, *id).await.map_err(|_| {
-            ApiError::invalid(
+        let group = state
+            .store
+            .trunk_group(*id)
+            .await
+            .map_err(|e| ApiError::store(e, "failover_pbx"))?;
+        if !group.is_some_and(|g| caller.sees_account(g.account_id)) {
+            return Err(ApiError::invalid(
                 "failover_pbx",
                 "invalid_failover_pbx",
                 "no such trunk group",
-            )
-        })?;
+            ));
+        }
     }
     Ok(())
 }
