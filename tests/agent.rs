@@ -544,3 +544,104 @@ fn failover_settings_in_the_agents_file_reach_both_servers() {
         "{status}"
     );
 }
+
+/// A trunk server given by name: RFC 3263 through SRV from a DNS server on loopback. The
+/// first target is dead (its port closed): the agent moves to the next one.
+#[test]
+fn a_server_name_with_several_targets_is_registered_through_the_live_one() {
+    let net = 124;
+    let zone = format!(
+        "$ORIGIN example.test.\n$TTL 300\n\
+         @ IN SOA ns.example.test. hostmaster.example.test. 1 3600 600 86400 30\n\
+         @ IN NS ns\nns IN A {dns}\n\
+         _sip._udp.trunk1 IN SRV 10 0 5060 dead.trunk1\n\
+         _sip._udp.trunk1 IN SRV 20 0 5060 live.trunk1\n\
+         dead.trunk1 IN A {dead}\nlive.trunk1 IN A {live}\n",
+        dns = ip(net, 53),
+        dead = ip(net, 15),
+        live = ip(net, 10),
+    );
+    let dns = common::dns::BackgroundDns::start_on(&ip(net, 53), &zone);
+    let t1 = start_carrier_in(tempfile::tempdir().unwrap(), &trunk_config(net, 1, ""), 1);
+    let dir = t1.dir.path();
+    let account = admin(dir, &["account", "add", "acme"]);
+    admin(
+        dir,
+        &[
+            "trunk-group",
+            "add",
+            "--account",
+            account.trim(),
+            "--name",
+            "main",
+            "--username",
+            USER,
+            "--password",
+            PASSWORD,
+        ],
+    );
+    let _pbx = MiniPbx::start(&format!("{}:5071", ip(net, 11)));
+    let config = agent_config(net, PASSWORD)
+        .replace(
+            &format!(
+                "servers = [\"sip:{}:5060\", \"sip:{}:5060\"]",
+                ip(net, 10),
+                ip(net, 20)
+            ),
+            "servers = [\"sip:trunk1.example.test\"]",
+        )
+        .replace(
+            "[agent.pbx]",
+            &format!("dns_servers = [\"{}\"]\n[agent.pbx]", dns.addr),
+        );
+    let agent = start_agent(&config);
+    wait(
+        "registered through the live target",
+        Duration::from_secs(20),
+        || agent_status(&agent)["servers"][0]["registered"] == true,
+        || agent.log(),
+    );
+    let log = agent.log();
+    let dead = log
+        .find(&format!("target=UDP {}:5060", ip(net, 15)))
+        .expect("the dead target tried");
+    let live = log
+        .find(&format!(
+            "registered server=sip:trunk1.example.test expires=4 target=UDP {}:5060",
+            ip(net, 10)
+        ))
+        .unwrap_or_else(|| panic!("registered through the live target:\n{log}"));
+    assert!(dead < live, "{log}");
+}
+
+#[test]
+fn check_config_names_the_wrong_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    let check = |text: &str| {
+        std::fs::write(&path, text).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_lifeline-agent"))
+            .arg("check-config")
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+    let good = agent_config(125, PASSWORD);
+    let out = check(&good);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("good"));
+    let out = check(&format!(
+        "{good}[agent.failover]\nglobal_number = \"premium\"\n"
+    ));
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("agent.failover.global_number"), "{err}");
+    let out = check(&good.replace("contact = ", "contcat = "));
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("contcat"));
+}

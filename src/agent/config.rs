@@ -54,6 +54,8 @@ pub struct AgentConfig {
     pub servers: Vec<String>,
     /// The agent's own SIP socket (it sends REGISTER and OPTIONS from there).
     pub sip_listen: String,
+    /// DNS servers for the RFC 3263 lookups (`IP` or `IP:PORT`); empty: the system's.
+    pub dns_servers: Vec<String>,
     /// The registration expiry asked for, in seconds (the server may grant less).
     pub register_expires_s: u32,
     /// Backoff after a timeout or a 5xx: from `retry_min_ms`, doubling with jitter, up to
@@ -132,6 +134,7 @@ impl Default for AgentConfig {
             password: String::new(),
             servers: vec!["sip:trunk1.invalid".into(), "sip:trunk2.invalid".into()],
             sip_listen: "udp:0.0.0.0:0".into(),
+            dns_servers: Vec::new(),
             register_expires_s: 300,
             retry_min_ms: 1000,
             retry_max_ms: 60_000,
@@ -209,6 +212,7 @@ pub struct Settings {
     pub raw: AgentConfig,
     pub listen: ListenSpec,
     pub servers: Vec<ServerSpec>,
+    pub dns_servers: Vec<SocketAddr>,
     pub pbx_address: SocketAddr,
     /// `pbx.contact`, parsed.
     pub contact: Uri,
@@ -289,6 +293,15 @@ impl AgentConfig {
                 "the agent's own socket is UDP (TCP servers are reached by connection)".into(),
             ));
         }
+        let dns_servers = self
+            .dns_servers
+            .iter()
+            .map(|s| {
+                s.parse::<SocketAddr>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
+                    .map_err(|_| invalid("dns_servers", format!("`{s}` is not IP or IP:PORT")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         for (key, v) in [
             ("register_expires_s", u64::from(self.register_expires_s)),
             ("retry_min_ms", self.retry_min_ms),
@@ -352,6 +365,7 @@ impl AgentConfig {
             raw: self,
             listen,
             servers,
+            dns_servers,
             pbx_address,
             contact,
             failover,
@@ -500,6 +514,7 @@ mod tests {
             "password",
             "servers",
             "sip_listen",
+            "dns_servers",
             "register_expires_s",
             "retry_min_ms",
             "retry_max_ms",

@@ -125,9 +125,13 @@ pub async fn start(
         },
         now,
     );
-    let resolver = SipResolver::from_system()
-        .or_else(|_| SipResolver::with_nameservers(&[]))
-        .map_err(|e| std::io::Error::other(format!("DNS resolver: {e}")))?;
+    let resolver = if settings.dns_servers.is_empty() {
+        // Without /etc/resolv.conf only IP addresses are reachable, as configured.
+        SipResolver::from_system().or_else(|_| SipResolver::with_nameservers(&[]))
+    } else {
+        SipResolver::with_nameservers(&settings.dns_servers)
+    }
+    .map_err(|e| std::io::Error::other(format!("DNS resolver: {e}")))?;
     let timers = TimerConfig {
         t1: Duration::from_millis(settings.raw.t1_ms),
         ..TimerConfig::default()
