@@ -50,7 +50,7 @@ pub struct AgentConfig {
     pub username: String,
     pub password: String,
     /// The trunk servers, in order, as SIP URIs (`sip:trunk1.example.net`,
-    /// `sip:192.0.2.10:5060;transport=tcp`); names are resolved by RFC 3263 (NAPTR, SRV, A).
+    /// `sip:192.0.2.10:5060`), over UDP; names are resolved by RFC 3263 (SRV, A).
     pub servers: Vec<String>,
     /// The agent's own SIP socket (it sends REGISTER and OPTIONS from there).
     pub sip_listen: String,
@@ -391,6 +391,11 @@ fn server_spec(text: &str) -> Result<ServerSpec, String> {
             Some(Transport::from_token(v).ok_or_else(|| format!("unknown transport `{v}`"))?)
         }
     };
+    if secure || transport.is_some_and(|t| t != Transport::Udp) {
+        // A binding made over a connection would have the carrier send calls down the
+        // agent's connection, not to pbx.contact.
+        return Err("the agent registers over UDP (sip: without transport=tcp/tls)".into());
+    }
     Ok(ServerSpec {
         uri: text.to_owned(),
         host: host.to_string(),
@@ -478,7 +483,7 @@ mod tests {
     }
 
     const MINIMAL: &str = "[agent]\nusername = \"acme-main\"\npassword = \"pw\"\n\
-                           servers = [\"sip:127.0.0.10\", \"sip:trunk2.example.net:5080;transport=tcp\"]\n\
+                           servers = [\"sip:127.0.0.10\", \"sip:trunk2.example.net:5080;transport=udp\"]\n\
                            [agent.pbx]\ncontact = \"sip:203.0.113.5:5060\"\n";
 
     #[test]
@@ -545,7 +550,7 @@ mod tests {
         assert_eq!(s.servers[0].host, "127.0.0.10");
         assert_eq!(s.servers[1].host, "trunk2.example.net");
         assert_eq!(s.servers[1].port, Some(5080));
-        assert_eq!(s.servers[1].transport, Some(Transport::Tcp));
+        assert_eq!(s.servers[1].transport, Some(Transport::Udp));
         assert_eq!(s.failover, Some(FailoverPlan::default()));
     }
 

@@ -329,7 +329,9 @@ impl SipAgent {
             let lookup = Lookup {
                 host: &server.host,
                 port: server.port,
-                transport: server.transport,
+                // UDP: over a connection of the agent's, the carrier would send the PBX's
+                // calls down that connection instead of to pbx.contact.
+                transport: Some(server.transport.unwrap_or(Transport::Udp)),
                 secure: server.sips,
             };
             let result = resolver.resolve(&lookup).await.map_err(|e| e.to_string());
