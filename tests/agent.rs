@@ -17,7 +17,7 @@ use common::http::request;
 use common::postgres::Postgres;
 use common::sipp::*;
 use common::uas::MiniPbx;
-use common::{Carrier, admin, spawn, start_carrier_in, terminate};
+use common::{Carrier, admin, provision_trunk_group, spawn, start_carrier_in, terminate};
 use serde_json::{Value, json};
 
 const DID: &str = "+15550001211";
@@ -45,6 +45,15 @@ fn trunk_config(net: u8, n: u8, store: &str) -> String {
         t1 = ip(net, 10),
         t2 = ip(net, 20),
     )
+}
+
+/// Both trunk servers, started at once (on a new shared database their migrations race).
+fn start_both(t1: &str, t2: &str) -> (Carrier, Carrier) {
+    thread::scope(|s| {
+        let a = s.spawn(|| start_carrier_in(tempfile::tempdir().unwrap(), t1, 1));
+        let b = s.spawn(|| start_carrier_in(tempfile::tempdir().unwrap(), t2, 1));
+        (a.join().unwrap(), b.join().unwrap())
+    })
 }
 
 /// The agent's configuration: both trunk servers, the mini PBX, short timers.
@@ -124,41 +133,9 @@ fn the_agent_keeps_the_pbx_registered_on_both_servers_and_withdraws_it_when_the_
     let net = 121;
     let pg = Postgres::start(ip(net, 30).parse().unwrap());
     let store = format!("store_url = \"{}\"\n", pg.url());
-    let (t1, t2) = thread::scope(|s| {
-        let a = s.spawn(|| {
-            start_carrier_in(
-                tempfile::tempdir().unwrap(),
-                &trunk_config(net, 1, &store),
-                1,
-            )
-        });
-        let b = s.spawn(|| {
-            start_carrier_in(
-                tempfile::tempdir().unwrap(),
-                &trunk_config(net, 2, &store),
-                1,
-            )
-        });
-        (a.join().unwrap(), b.join().unwrap())
-    });
+    let (t1, t2) = start_both(&trunk_config(net, 1, &store), &trunk_config(net, 2, &store));
     let dir = t1.dir.path();
-    let account = admin(dir, &["account", "add", "acme"]);
-    let group = admin(
-        dir,
-        &[
-            "trunk-group",
-            "add",
-            "--account",
-            account.trim(),
-            "--name",
-            "main",
-            "--username",
-            USER,
-            "--password",
-            PASSWORD,
-        ],
-    );
-    let group: i64 = group.trim().parse().unwrap();
+    let group: i64 = provision_trunk_group(dir, USER, PASSWORD).parse().unwrap();
     admin(
         dir,
         &["did", "add", DID, "--trunk-group", &group.to_string()],
@@ -307,22 +284,7 @@ fn wrong_credentials_are_logged_and_retried_slowly() {
     let net = 122;
     let t1 = start_carrier_in(tempfile::tempdir().unwrap(), &trunk_config(net, 1, ""), 1);
     let dir = t1.dir.path();
-    let account = admin(dir, &["account", "add", "acme"]);
-    admin(
-        dir,
-        &[
-            "trunk-group",
-            "add",
-            "--account",
-            account.trim(),
-            "--name",
-            "main",
-            "--username",
-            USER,
-            "--password",
-            PASSWORD,
-        ],
-    );
+    provision_trunk_group(dir, USER, PASSWORD);
     let _pbx = MiniPbx::start(&format!("{}:5071", ip(net, 11)));
     let config =
         agent_config(net, "wrong-password").replace(&format!(", \"sip:{}:5060\"", ip(net, 20)), "");
@@ -378,35 +340,9 @@ fn failover_settings_in_the_agents_file_reach_both_servers() {
         &format!("{}:0", ip(net, 10)),
         &format!("{}:8080", ip(net, 10)),
     );
-    let (t1, t2) = thread::scope(|s| {
-        let a = s.spawn(|| start_carrier_in(tempfile::tempdir().unwrap(), &t1_config, 1));
-        let b = s.spawn(|| {
-            start_carrier_in(
-                tempfile::tempdir().unwrap(),
-                &trunk_config(net, 2, &store),
-                1,
-            )
-        });
-        (a.join().unwrap(), b.join().unwrap())
-    });
+    let (t1, t2) = start_both(&t1_config, &trunk_config(net, 2, &store));
     let dir = t1.dir.path();
-    let account = admin(dir, &["account", "add", "acme"]);
-    let group = admin(
-        dir,
-        &[
-            "trunk-group",
-            "add",
-            "--account",
-            account.trim(),
-            "--name",
-            "main",
-            "--username",
-            USER,
-            "--password",
-            PASSWORD,
-        ],
-    );
-    let group: i64 = group.trim().parse().unwrap();
+    let group: i64 = provision_trunk_group(dir, USER, PASSWORD).parse().unwrap();
     for did in ["+15550001231", "+15550001232"] {
         admin(
             dir,
@@ -564,22 +500,7 @@ fn a_server_name_with_several_targets_is_registered_through_the_live_one() {
     let dns = common::dns::BackgroundDns::start_on(&ip(net, 53), &zone);
     let t1 = start_carrier_in(tempfile::tempdir().unwrap(), &trunk_config(net, 1, ""), 1);
     let dir = t1.dir.path();
-    let account = admin(dir, &["account", "add", "acme"]);
-    admin(
-        dir,
-        &[
-            "trunk-group",
-            "add",
-            "--account",
-            account.trim(),
-            "--name",
-            "main",
-            "--username",
-            USER,
-            "--password",
-            PASSWORD,
-        ],
-    );
+    provision_trunk_group(dir, USER, PASSWORD);
     let _pbx = MiniPbx::start(&format!("{}:5071", ip(net, 11)));
     let config = agent_config(net, PASSWORD)
         .replace(
