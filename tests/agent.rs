@@ -187,6 +187,18 @@ fn the_agent_keeps_the_pbx_registered_on_both_servers_and_withdraws_it_when_the_
         silent_since.elapsed()
     );
     assert!(agent.log().contains("PBX down"), "{}", agent.log());
+    // Withdrawn by the agent (a 200 to its expires=0 from each server), not expired.
+    for server in [ip(net, 10), ip(net, 20)] {
+        assert!(
+            agent
+                .log()
+                .lines()
+                .any(|l| l.contains("registration withdrawn")
+                    && l.contains(&format!("server=sip:{server}:5060"))),
+            "{}",
+            agent.log()
+        );
+    }
     // A call to the DID now goes to its failover number at once: no delivery timer spent.
     let gateway = spawn_sipp(
         &ip(net, 13),
@@ -565,4 +577,89 @@ fn check_config_names_the_wrong_key() {
     let out = check(&good.replace("contact = ", "contcat = "));
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("contcat"));
+}
+
+/// A change of a SIP setting restarts the registrations from what the agent knew: a reload
+/// while the PBX is down does not register the dead PBX again.
+#[test]
+fn a_reload_restarts_registrations_without_forgetting_a_dead_pbx() {
+    let net = 126;
+    let t1 = start_carrier_in(tempfile::tempdir().unwrap(), &trunk_config(net, 1, ""), 1);
+    let group: i64 = provision_trunk_group(t1.dir.path(), USER, PASSWORD)
+        .parse()
+        .unwrap();
+    let op = admin(t1.dir.path(), &["token", "create", "--operator"]);
+    let op = op.trim().split('\t').nth(1).unwrap().to_string();
+    let pbx = MiniPbx::start(&format!("{}:5071", ip(net, 11)));
+    let one_server = |text: String| text.replace(&format!(", \"sip:{}:5060\"", ip(net, 20)), "");
+    let agent = start_agent(&one_server(agent_config(net, PASSWORD)));
+    wait(
+        "registered",
+        Duration::from_secs(20),
+        || registered_on(&t1, &op, group) == json!(["trunk1"]),
+        || agent.log(),
+    );
+    // A new expiry: the registrations restart, and register again.
+    edit_config(
+        &agent,
+        &one_server(agent_config(net, PASSWORD))
+            .replace("register_expires_s = 4", "register_expires_s = 5"),
+    );
+    wait(
+        "restarted",
+        Duration::from_secs(20),
+        || {
+            agent
+                .log()
+                .contains("SIP settings changed: restarting registrations")
+        },
+        || agent.log(),
+    );
+    wait(
+        "registered again with the new expiry",
+        Duration::from_secs(20),
+        || {
+            agent
+                .log()
+                .contains("registered server=sip:127.0.126.10:5060 expires=5")
+        },
+        || agent.log(),
+    );
+    // The PBX dies, then the file changes again: the restarted side keeps it withdrawn.
+    pbx.fall_silent();
+    wait(
+        "withdrawn",
+        Duration::from_secs(20),
+        || registered_on(&t1, &op, group) == json!([]),
+        || agent.log(),
+    );
+    edit_config(
+        &agent,
+        &one_server(agent_config(net, PASSWORD))
+            .replace("register_expires_s = 4", "register_expires_s = 6"),
+    );
+    wait(
+        "restarted again",
+        Duration::from_secs(20),
+        || agent.log().matches("SIP settings changed").count() == 2,
+        || agent.log(),
+    );
+    thread::sleep(Duration::from_secs(1));
+    let status = agent_status(&agent);
+    assert_eq!(status["pbx"], "down", "{status}");
+    assert_eq!(status["servers"][0]["registered"], false, "{status}");
+    assert_eq!(registered_on(&t1, &op, group), json!([]));
+    assert!(!agent.log().contains("expires=6 target"), "{}", agent.log());
+    // And once the PBX answers, it registers with the new settings.
+    pbx.answer_again();
+    wait(
+        "registered with the newest settings",
+        Duration::from_secs(20),
+        || {
+            agent
+                .log()
+                .contains("registered server=sip:127.0.126.10:5060 expires=6")
+        },
+        || agent.log(),
+    );
 }

@@ -11,6 +11,7 @@ use tracing::{info, warn};
 use std::time::Duration;
 
 use super::config::{AgentConfig, Settings};
+use super::health::PbxState;
 use super::run::{self, AgentStatus};
 use super::upstream::{self, ApiClient, HealthReport, ServerReport, SyncState};
 use super::watch_file;
@@ -112,7 +113,7 @@ pub async fn run(cli: Cli) -> i32 {
 /// place meanwhile).
 async fn serve(path: PathBuf, mut settings: Settings) -> i32 {
     let (status_tx, status_rx) = watch::channel(AgentStatus::default());
-    let mut running = match run::start(&settings, status_tx.clone()).await {
+    let mut running = match run::start(&settings, status_tx.clone(), PbxState::Unknown).await {
         Ok(r) => r,
         Err(e) => {
             tracing::error!("cannot start: {e}");
@@ -194,23 +195,44 @@ async fn serve(path: PathBuf, mut settings: Settings) -> i32 {
             *p = fresh.failover.clone();
             changed
         });
+        // What is not applied while running stays as it is in `settings`.
+        let mut applied = fresh.clone();
+        if fresh.raw.api != settings.raw.api
+            || fresh.raw.status_socket != settings.raw.status_socket
+            || fresh.raw.log_level != settings.raw.log_level
+        {
+            warn!("api, status_socket and log_level changes take effect when the agent restarts");
+            applied.raw.api = settings.raw.api.clone();
+            applied.raw.status_socket = settings.raw.status_socket.clone();
+            applied.raw.log_level = settings.raw.log_level.clone();
+        }
         if sip_side(&fresh) != sip_side(&settings) {
             info!("SIP settings changed: restarting registrations");
+            // The new loop starts from what the old one knew of the PBX: a reload while the
+            // PBX is down must not register it again.
+            let pbx = status_tx.borrow().pbx;
             running.stop().await;
-            running = match run::start(&fresh, status_tx.clone()).await {
+            running = match run::start(&fresh, status_tx.clone(), pbx).await {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::error!("cannot restart with the new settings: {e}");
-                    return 1;
+                    tracing::error!(
+                        "cannot run with the new SIP settings ({e}); keeping the old ones"
+                    );
+                    let mut kept = settings.clone();
+                    kept.raw.failover = applied.raw.failover.clone();
+                    kept.failover = applied.failover.clone();
+                    applied = kept;
+                    match run::start(&settings, status_tx.clone(), pbx).await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::error!("cannot restart with the old settings either: {e}");
+                            return 1;
+                        }
+                    }
                 }
             };
         }
-        if fresh.raw.api != settings.raw.api
-            || fresh.raw.status_socket != settings.raw.status_socket
-        {
-            warn!("api and status_socket changes take effect when the agent restarts");
-        }
-        settings = fresh;
+        settings = applied;
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     info!("shutting down; registrations stay in place until they expire");
@@ -245,11 +267,14 @@ async fn recv_change(rx: &mut Option<tokio::sync::mpsc::Receiver<()>>) -> Option
     }
 }
 
-/// The settings the SIP side runs on: all but the API and the failover plan.
+/// The settings the SIP side runs on: all but the API, the failover plan, the status socket
+/// and the log level.
 fn sip_side(s: &Settings) -> Settings {
     let mut s = s.clone();
     s.raw.api = Default::default();
     s.raw.failover = Default::default();
+    s.raw.status_socket = Default::default();
+    s.raw.log_level = Default::default();
     s.failover = None;
     s
 }

@@ -318,6 +318,12 @@ impl AgentConfig {
                 return Err(invalid(key, "must be greater than 0".into()));
             }
         }
+        if self.pbx.check_timeout_ms >= self.pbx.check_interval_ms {
+            return Err(invalid(
+                "pbx.check_timeout_ms",
+                "must be less than pbx.check_interval_ms".into(),
+            ));
+        }
         if self.retry_max_ms < self.retry_min_ms {
             return Err(invalid(
                 "retry_max_ms",
@@ -631,6 +637,10 @@ mod tests {
             (
                 format!("{MINIMAL}check_interval_ms = 0\n"),
                 "pbx.check_interval_ms",
+            ),
+            (
+                format!("{MINIMAL}check_timeout_ms = 5000\n"),
+                "pbx.check_timeout_ms",
             ),
             (format!("{MINIMAL}address = \"localhost\"\n"), "pbx.address"),
             (

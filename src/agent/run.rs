@@ -91,10 +91,12 @@ impl RunningAgent {
     }
 }
 
-/// Binds the agent's socket and starts the loop, which publishes its state on `status`.
+/// Binds the agent's socket and starts the loop, which publishes its state on `status`. `pbx`
+/// is what is known of the PBX already (a restarted loop keeps a down PBX withdrawn).
 pub async fn start(
     settings: &Settings,
     status: watch::Sender<AgentStatus>,
+    pbx: PbxState,
 ) -> std::io::Result<RunningAgent> {
     let (transport, incoming) =
         SipTransport::bind(&[settings.listen], None, TransportOptions::default()).await?;
@@ -115,7 +117,7 @@ pub async fn start(
         .iter()
         .map(|s| Registration::new(s.clone(), registration.clone(), now))
         .collect();
-    let health = PbxHealth::new(
+    let mut health = PbxHealth::new(
         HealthConfig {
             address: settings.pbx_address,
             interval: settings.check_interval(),
@@ -125,6 +127,13 @@ pub async fn start(
         },
         now,
     );
+    health.assume(pbx);
+    let mut registrations = registrations;
+    if pbx == PbxState::Down {
+        for r in &mut registrations {
+            r.set_wanted(now, false);
+        }
+    }
     let resolver = if settings.dns_servers.is_empty() {
         // Without /etc/resolv.conf only IP addresses are reachable, as configured.
         SipResolver::from_system().or_else(|_| SipResolver::with_nameservers(&[]))
@@ -144,7 +153,7 @@ pub async fn start(
         registrations,
         health,
         pbx: settings.pbx_address,
-        wanted: true,
+        wanted: pbx != PbxState::Down,
         owners: HashMap::new(),
         resolver: Arc::new(resolver),
         resolved: mpsc::unbounded_channel(),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use sqlx::postgres::PgListener;
+use sqlx::postgres::{PgListener, PgPoolOptions};
 use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 
@@ -209,13 +209,31 @@ pub async fn watch_customers(
 /// The PostgreSQL channel the schema's triggers notify on every configuration change.
 const CHANGES_CHANNEL: &str = "lifeline_config";
 
-/// Wakes the refresh loop on every notification from PostgreSQL, and after every reconnection
-/// (notifications sent while disconnected are lost; the loop's own poll covers that too).
+/// Wakes the refresh loop on every notification from PostgreSQL, when the connection drops,
+/// and after every reconnection (notifications sent while disconnected are lost; the loop's
+/// own poll covers that too).
 async fn listen_for_changes(url: String, changed: Arc<Notify>) {
     let mut failing = false;
+    // A pool of its own that gives up quickly: while the database is down, a connection
+    // attempt must fail within a moment (the default waits 30 s), so the loop can say so.
+    let pool = match PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(LISTEN_RETRY * 2)
+        .connect_lazy(&url)
+    {
+        Ok(pool) => pool,
+        Err(e) => {
+            warn!(error = %e, "store change notifications unavailable; polling");
+            return;
+        }
+    };
     loop {
-        let mut listener = match PgListener::connect(&url).await {
-            Ok(l) => l,
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(mut l) => {
+                // A lost connection ends `try_recv` at once; reconnecting is done below.
+                l.eager_reconnect(false);
+                l
+            }
             Err(e) => {
                 if !std::mem::replace(&mut failing, true) {
                     warn!(error = %e, "store change notifications unavailable; polling");
@@ -233,10 +251,12 @@ async fn listen_for_changes(url: String, changed: Arc<Notify>) {
         }
         failing = false;
         changed.notify_one();
-        // `try_recv` gives None when the connection drops: connect again from the top.
+        // `try_recv` gives None when the connection drops: connect again from the top. The
+        // refresh loop looks at once, so a lost database shows without waiting for its poll.
         while let Ok(Some(_)) = listener.try_recv().await {
             changed.notify_one();
         }
+        changed.notify_one();
         tokio::time::sleep(LISTEN_RETRY).await;
     }
 }

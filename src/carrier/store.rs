@@ -946,8 +946,9 @@ pub enum Backend {
     Postgres,
 }
 
-/// The PostgreSQL advisory lock every configuration write takes first, so writes from several
-/// servers are serialised as SQLite's single writer serialises them ("LIFE" in ASCII).
+/// The PostgreSQL advisory lock that writes of failover settings, DIDs and removals take first,
+/// so they are serialised as SQLite's single writer serialises them: a whole-plan write is
+/// never interleaved with another change of the same rows ("LIFE" in ASCII).
 const POSTGRES_WRITE_LOCK: i64 = 0x4c49_4645;
 
 /// How long a PostgreSQL statement waits for a connection before failing: an API request gets
@@ -1365,14 +1366,17 @@ impl Store {
         number: Option<&str>,
     ) -> Result<Option<String>, StoreError> {
         let number = number.map(normalize_e164).transpose()?;
+        // Serialised with the other configuration writes (see `begin_write`).
+        let mut tx = self.begin_write().await?;
         let done = sqlx::query("UPDATE trunk_groups SET failover_number = $1 WHERE id = $2")
             .bind(&number)
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::TrunkGroupNotFound(id));
         }
+        tx.commit().await?;
         Ok(number)
     }
 
@@ -1413,6 +1417,8 @@ impl Store {
                 });
             }
         }
+        // Serialised with the other configuration writes (see `begin_write`).
+        let mut tx = self.begin_write().await?;
         let done = sqlx::query(
             "UPDATE trunk_groups SET failover_pbx_uri = $1, failover_pbx_trunk_group = $2 \
              WHERE id = $3",
@@ -1420,7 +1426,7 @@ impl Store {
         .bind(&uri)
         .bind(group)
         .bind(id)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(|e| match group {
             // The target was removed since it was looked up.
@@ -1430,6 +1436,7 @@ impl Store {
         if done.rows_affected() == 0 {
             return Err(StoreError::TrunkGroupNotFound(id));
         }
+        tx.commit().await?;
         Ok(match (uri, group) {
             (Some(uri), _) => Some(FailoverPbx::Uri(uri)),
             (None, Some(pbx)) => Some(FailoverPbx::TrunkGroup(pbx)),
@@ -1447,11 +1454,13 @@ impl Store {
     ) -> Result<Did, StoreError> {
         let number = normalize_e164(number)?;
         let created_at = now();
+        // Serialised with the other configuration writes (see `begin_write`).
+        let mut tx = self.begin_write().await?;
         sqlx::query("INSERT INTO dids (number, trunk_group_id, created_at) VALUES ($1, $2, $3)")
             .bind(&number)
             .bind(trunk_group_id)
             .bind(created_at)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(|e| {
                 if is_foreign_key(&e) {
@@ -1460,6 +1469,7 @@ impl Store {
                     duplicate(e, &[(UniqueField::Number, &number)])
                 }
             })?;
+        tx.commit().await?;
         Ok(Did {
             number,
             trunk_group_id,
@@ -1505,27 +1515,33 @@ impl Store {
         if failover_number.as_ref() == Some(&number) {
             return Err(StoreError::FailoverNumberIsDid(number));
         }
+        // Serialised with the other configuration writes (see `begin_write`).
+        let mut tx = self.begin_write().await?;
         let done = sqlx::query("UPDATE dids SET failover_number = $1 WHERE number = $2")
             .bind(&failover_number)
             .bind(&number)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::DidNotFound(number));
         }
+        tx.commit().await?;
         Ok(failover_number)
     }
 
     /// Removes a DID, given with or without the `+`.
     pub async fn remove_did(&self, number: &str) -> Result<(), StoreError> {
         let number = normalize_e164(number)?;
+        // Serialised with the other configuration writes (see `begin_write`).
+        let mut tx = self.begin_write().await?;
         let done = sqlx::query("DELETE FROM dids WHERE number = $1")
             .bind(&number)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::DidNotFound(number));
         }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -1674,7 +1690,15 @@ impl Store {
         &self,
         trunk_group: TrunkGroupId,
     ) -> Result<FailoverSettings, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        // One snapshot: SQLite's read transactions are; PostgreSQL's READ COMMITTED is not.
+        let mut tx = match self.backend {
+            Backend::Sqlite => self.pool.begin().await?,
+            Backend::Postgres => {
+                self.pool
+                    .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    .await?
+            }
+        };
         let Some(group) = sqlx::query_as::<_, TrunkGroup>(select_trunk_groups!("WHERE id = $1"))
             .bind(trunk_group)
             .fetch_optional(&mut *tx)
