@@ -310,4 +310,43 @@ fn two_servers_share_one_postgres_configuration() {
     )
     .json;
     assert_eq!(s["registered_on"], json!(["trunk1"]), "{s}");
+
+    // Registered on both; then trunk2 crashes. Its rows stay in the database, but without its
+    // heartbeat they stop counting: the status says so, and warns again.
+    register_pbx(&t2, &ip(11), "pbx118");
+    let status = || {
+        api(
+            &t1,
+            "GET",
+            &format!("/v1/trunk-groups/{g}/status"),
+            &op,
+            None,
+        )
+        .json
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status()["registered_on"] != json!(["trunk1", "trunk2"]) {
+        assert!(Instant::now() < deadline, "{}", status());
+        thread::sleep(Duration::from_millis(20));
+    }
+    let mut t2 = t2;
+    t2.child.kill().unwrap();
+    let crashed = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let s = loop {
+        let s = status();
+        if s["silent_servers"] == json!(["trunk2"]) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "{s}");
+        thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!(
+        "a crashed trunk2 stopped counting {:?} after it died",
+        crashed.elapsed()
+    );
+    assert_eq!(s["registered_on"], json!(["trunk1"]), "{s}");
+    let warnings = s["warnings"].to_string();
+    assert!(warnings.contains("trunk2 has not been heard from"), "{s}");
+    assert!(warnings.contains("1 of 2"), "{s}");
 }

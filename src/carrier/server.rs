@@ -51,6 +51,7 @@ pub struct RunningCarrier {
     /// Where the API listens, if it is on.
     api: Option<std::net::SocketAddr>,
     api_task: Option<JoinHandle<()>>,
+    heartbeat: JoinHandle<()>,
     transport: SipTransport,
     stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
@@ -75,6 +76,7 @@ impl RunningCarrier {
         if let Some(api) = &self.api_task {
             api.abort();
         }
+        self.heartbeat.abort();
         self.transport.shutdown();
         let _ = self.stop.send(());
         let _ = self.task.await;
@@ -154,6 +156,7 @@ pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
             .map_err(StartError::Bind)?;
     let bound = transport.bound().to_vec();
     log_bound(&bound);
+    let heartbeat = tokio::spawn(heartbeat(store_for_api.clone(), settings.raw.name.clone()));
     let server_view = super::api::ServerView {
         customers: customers.clone(),
         store_health,
@@ -187,6 +190,7 @@ pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
         bound,
         api,
         api_task,
+        heartbeat,
         transport: shutdown_handle,
         stop,
         task,
@@ -248,6 +252,27 @@ fn presence_writer(
         }
     });
     tx
+}
+
+/// How often a server writes its heartbeat; the API trusts a server's presence rows for
+/// three times this after its last one.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Writes this server's heartbeat every [`HEARTBEAT_INTERVAL`] while it runs.
+async fn heartbeat(store: Store, server: String) {
+    let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        match store.heartbeat(&server, unix_ms(SystemTime::now())).await {
+            Ok(()) => failing = false,
+            Err(e) if !failing => {
+                failing = true;
+                warn!(error = %e, "heartbeat not written");
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 /// How often presence rows the store refused are written again.

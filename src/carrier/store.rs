@@ -1989,6 +1989,28 @@ impl Store {
         Ok(rows)
     }
 
+    /// Records that `server` runs, at `now_ms`.
+    pub async fn heartbeat(&self, server: &str, now_ms: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO server_heartbeats (server, seen_at_ms) VALUES ($1, $2) \
+             ON CONFLICT (server) DO UPDATE SET seen_at_ms = excluded.seen_at_ms",
+        )
+        .bind(server)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// When each trunk server last said it runs: (server, seen_at_ms), by name.
+    pub async fn heartbeats(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows =
+            sqlx::query_as("SELECT server, seen_at_ms FROM server_heartbeats ORDER BY server")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows)
+    }
+
     /// Keeps an agent's health report (JSON text) with the time received; only the newest
     /// [`HEALTH_REPORTS_KEPT`] per trunk group stay.
     pub async fn add_health_report(
@@ -2104,6 +2126,19 @@ mod tests {
                 | (Violation::ForeignKey, ErrorKind::ForeignKeyViolation)
                 | (Violation::Unique, ErrorKind::UniqueViolation)
         )
+    }
+
+    #[tokio::test]
+    async fn heartbeats_keep_the_newest_time_per_server() {
+        let (_kept, store) = open().await;
+        assert!(store.heartbeats().await.unwrap().is_empty());
+        store.heartbeat("trunk2", 1_000).await.unwrap();
+        store.heartbeat("trunk1", 2_000).await.unwrap();
+        store.heartbeat("trunk2", 3_000).await.unwrap();
+        assert_eq!(
+            store.heartbeats().await.unwrap(),
+            vec![("trunk1".to_string(), 2_000), ("trunk2".to_string(), 3_000)]
+        );
     }
 
     fn is_duplicate(r: Result<impl std::fmt::Debug, StoreError>, want: UniqueField) -> bool {

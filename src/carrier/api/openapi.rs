@@ -212,6 +212,7 @@ fn configuration_schemas() -> Value {
             "trunk_group": {"type": "integer"},
             "trunk_servers": {"type": "array", "items": {"type": "string"}},
             "registered_on": {"type": "array", "items": {"type": "string"}},
+            "silent_servers": {"type": "array", "items": {"type": "string"}, "description": "servers with registrations on record but no recent heartbeat: not counted"},
             "servers": {"type": "array", "items": {"type": "object", "properties": {"server": {"type": "string"}, "contacts": {"type": "integer"}, "updated_at_ms": {"type": "integer"}}}},
             "failover_configured": {"type": "boolean"},
             "last_health": {"oneOf": [{"type": "null"}, {"type": "object", "properties": {"received_at_ms": {"type": "integer"}, "report": r("HealthReport")}}]},

@@ -13,6 +13,7 @@ use super::{ApiState, Body, Caller, Id, Params};
 use crate::carrier::call_log::CallLogError;
 use crate::carrier::call_record::CallRecord;
 use crate::carrier::delivery_rule::FailoverPbx;
+use crate::carrier::server::HEARTBEAT_INTERVAL;
 use crate::carrier::store::{
     Account, AccountId, ApiToken, AuditEntry, Backend, Did, FailoverSettings, NewAuditEntry,
     StoreError, TokenId, TokenScope, TrunkGroup, TrunkGroupId, normalize_e164,
@@ -1214,8 +1215,10 @@ pub struct StatusView {
     trunk_group: TrunkGroupId,
     /// The trunk servers this carrier knows (this one and its peers).
     trunk_servers: Vec<String>,
-    /// Those of them holding live registrations of the group right now.
+    /// Those of them holding live registrations of the group right now (and heard from).
     registered_on: Vec<String>,
+    /// Servers with registrations on record that have not written their heartbeat lately.
+    silent_servers: Vec<String>,
     servers: Vec<ServerPresence>,
     failover_configured: bool,
     last_health: Option<LastHealth>,
@@ -1230,6 +1233,7 @@ pub async fn get_status(
     visible_group(&state, &caller, id).await?;
     let store_err = |e| ApiError::store(e, "");
     let presence = state.store.presence(id).await.map_err(store_err)?;
+    let heartbeats = state.store.heartbeats().await.map_err(store_err)?;
     let plan = state.store.failover_plan(id).await.map_err(store_err)?;
     let health = state
         .store
@@ -1238,13 +1242,37 @@ pub async fn get_status(
         .map_err(store_err)?;
     let failover_configured =
         plan.global_number.is_some() || plan.pbx.is_some() || !plan.dids.is_empty();
-    let registered_on: Vec<String> = presence.iter().map(|(s, _, _)| s.clone()).collect();
+    // A server's rows count while it is heard from: a stopped or crashed server's would
+    // claim registrations nobody serves.
+    let now_ms = crate::carrier::registrar::unix_ms(std::time::SystemTime::now());
+    let stale_before = now_ms - 3 * HEARTBEAT_INTERVAL.as_millis() as i64;
+    let live = |server: &str| {
+        heartbeats
+            .iter()
+            .any(|(s, seen)| s == server && *seen >= stale_before)
+    };
+    let silent_servers: Vec<String> = presence
+        .iter()
+        .map(|(s, _, _)| s.clone())
+        .filter(|s| !live(s))
+        .collect();
+    let registered_on: Vec<String> = presence
+        .iter()
+        .map(|(s, _, _)| s.clone())
+        .filter(|s| live(s))
+        .collect();
     let missing: Vec<&String> = state
         .trunk_servers
         .iter()
         .filter(|s| !registered_on.contains(s))
         .collect();
     let mut warnings = Vec::new();
+    for server in &silent_servers {
+        warnings.push(format!(
+            "{server} has not been heard from for {} s: its registrations are not counted",
+            3 * HEARTBEAT_INTERVAL.as_secs()
+        ));
+    }
     if registered_on.is_empty() {
         warnings.push("the PBX is registered on no trunk server".to_string());
     } else if failover_configured && !missing.is_empty() {
@@ -1264,6 +1292,7 @@ pub async fn get_status(
         trunk_group: id,
         trunk_servers: state.trunk_servers.to_vec(),
         registered_on,
+        silent_servers,
         servers: presence
             .into_iter()
             .map(|(server, contacts, updated_at_ms)| ServerPresence {
