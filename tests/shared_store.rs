@@ -83,6 +83,19 @@ fn wait_server(c: &Carrier, what: &str, done: impl Fn(&Reply) -> bool) -> Reply 
     }
 }
 
+/// Waits (bounded) until `done` holds for trunk group `g`'s status on `c`; returns it.
+fn wait_status(c: &Carrier, op: &str, g: i64, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = api(c, "GET", &format!("/v1/trunk-groups/{g}/status"), op, None).json;
+        if done(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{what}: {s}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn version(c: &Carrier) -> i64 {
     server(c).json["configuration_version"].as_i64().unwrap()
 }
@@ -210,22 +223,9 @@ fn two_servers_share_one_postgres_configuration() {
 
     // trunk2's status (presence comes from the shared store): registered on trunk1 only, with
     // failover configured — the single-registration warning names trunk2.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        let s = api(
-            &t2,
-            "GET",
-            &format!("/v1/trunk-groups/{g}/status"),
-            &op,
-            None,
-        )
-        .json;
-        if s["registered_on"] == json!(["trunk1"]) {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "never registered on trunk1: {s}");
-        thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_status(&t2, &op, g, "registered on trunk1", |s| {
+        s["registered_on"] == json!(["trunk1"])
+    });
     assert_eq!(status["failover_configured"], true);
     let warning = status["warnings"][0].as_str().unwrap_or("");
     assert!(
@@ -301,46 +301,22 @@ fn two_servers_share_one_postgres_configuration() {
     });
     call_reaches_gateway(&t2, SECOND_NUMBER);
     // The presence rows outlived the outage.
-    let s = api(
-        &t2,
-        "GET",
-        &format!("/v1/trunk-groups/{g}/status"),
-        &op,
-        None,
-    )
-    .json;
-    assert_eq!(s["registered_on"], json!(["trunk1"]), "{s}");
+    wait_status(&t2, &op, g, "still on trunk1", |s| {
+        s["registered_on"] == json!(["trunk1"])
+    });
 
     // Registered on both; then trunk2 crashes. Its rows stay in the database, but without its
     // heartbeat they stop counting: the status says so, and warns again.
     register_pbx(&t2, &ip(11), "pbx118");
-    let status = || {
-        api(
-            &t1,
-            "GET",
-            &format!("/v1/trunk-groups/{g}/status"),
-            &op,
-            None,
-        )
-        .json
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while status()["registered_on"] != json!(["trunk1", "trunk2"]) {
-        assert!(Instant::now() < deadline, "{}", status());
-        thread::sleep(Duration::from_millis(20));
-    }
+    wait_status(&t1, &op, g, "registered on both", |s| {
+        s["registered_on"] == json!(["trunk1", "trunk2"])
+    });
     let mut t2 = t2;
     t2.child.kill().unwrap();
     let crashed = Instant::now();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let s = loop {
-        let s = status();
-        if s["silent_servers"] == json!(["trunk2"]) {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "{s}");
-        thread::sleep(Duration::from_millis(100));
-    };
+    let s = wait_status(&t1, &op, g, "trunk2 silent", |s| {
+        s["silent_servers"] == json!(["trunk2"])
+    });
     eprintln!(
         "a crashed trunk2 stopped counting {:?} after it died",
         crashed.elapsed()
