@@ -36,7 +36,7 @@ use bytestring::ByteString;
 use sha2::{Digest, Sha256};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
-use sqlx::{AnyPool, ConnectOptions, Executor};
+use sqlx::{AnyPool, Executor};
 
 use crate::carrier::delivery_rule::FailoverPbx;
 use crate::sip::digest::{Algorithm, ha1};
@@ -897,6 +897,33 @@ fn sqlite_pragmas() -> String {
     )
 }
 
+/// The `sqlite://` URL of a database file, every byte but the unreserved ones
+/// percent-encoded: sqlx decodes the path, so a `%`, `?` or `#` in a folder name must not be
+/// taken for an escape or a query.
+fn sqlite_url(path: &Path) -> Result<String, StoreError> {
+    use std::fmt::Write;
+    let bytes = path.as_os_str().as_encoded_bytes();
+    if std::str::from_utf8(bytes).is_err() {
+        return Err(StoreError::CreateFile {
+            path: path.to_owned(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the store's path must be UTF-8",
+            ),
+        });
+    }
+    let mut url = String::from("sqlite://");
+    for &b in bytes {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+            url.push(char::from(b));
+        } else {
+            let _ = write!(url, "%{b:02X}");
+        }
+    }
+    url.push_str("?mode=rwc");
+    Ok(url)
+}
+
 /// Where the configuration lives.
 #[derive(Clone, PartialEq, Eq)]
 pub enum StoreLocation {
@@ -1002,8 +1029,8 @@ impl Store {
                 })?;
                 // Through the URL only the file and its mode pass; the pragmas are set on
                 // every new connection.
-                let options = AnyConnectOptions::from_url(&sqlite_options(&path).to_url_lossy())
-                    .map_err(open_error)?;
+                let options =
+                    AnyConnectOptions::from_str(&sqlite_url(&path)?).map_err(open_error)?;
                 let pool = AnyPoolOptions::new()
                     .max_connections(4)
                     .after_connect(|conn, _| {
@@ -2126,6 +2153,24 @@ mod tests {
                 | (Violation::ForeignKey, ErrorKind::ForeignKeyViolation)
                 | (Violation::Unique, ErrorKind::UniqueViolation)
         )
+    }
+
+    #[tokio::test]
+    async fn a_folder_name_with_url_characters_is_opened_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("50%41 a#b?c");
+        let store = Store::open(&data).await.unwrap();
+        store.create_account("Acme").await.unwrap();
+        store.close().await;
+        assert!(data.join(STORE_FILE).is_file());
+        // Nothing was created at the decoded or truncated names.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("50%41 a#b?c")]);
+        let again = Store::open(&data).await.unwrap();
+        assert_eq!(again.list_accounts().await.unwrap().len(), 1);
     }
 
     #[tokio::test]
