@@ -7,3 +7,12 @@
 pub mod agent;
 pub mod carrier;
 pub mod sip;
+
+/// What `--version` prints after the program's name: the package version and the git commit
+/// it was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("LIFELINE_COMMIT"),
+    ")"
+);

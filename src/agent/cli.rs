@@ -18,7 +18,7 @@ use super::watch_file;
 
 /// Lifeline agent: keeps the PBX registered on every trunk server and watches it.
 #[derive(Debug, Parser)]
-#[command(name = "lifeline-agent", version)]
+#[command(name = "lifeline-agent", version = crate::VERSION)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -13,7 +13,7 @@ use super::server;
 
 /// Lifeline trunk server: SIP registrar and failover proxy.
 #[derive(Debug, Parser)]
-#[command(name = "lifeline-carrier", version)]
+#[command(name = "lifeline-carrier", version = crate::VERSION)]
 pub struct Cli {
     /// TOML configuration file; without one the server runs on 127.0.0.1:5060 (UDP and TCP).
     #[arg(long, value_name = "FILE", global = true)]
