@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod carrier;
+pub mod process;
 pub mod sip;
 
 /// What `--version` prints after the program's name: the package version and the git commit

@@ -95,13 +95,13 @@ pub async fn run(cli: Cli) -> i32 {
             let settings = match AgentConfig::load(&config) {
                 Ok(s) => s,
                 Err(e) => {
-                    crate::carrier::cli::init_logging("info");
+                    crate::process::init_logging("info");
                     tracing::error!("configuration refused: {e}");
                     eprintln!("lifeline-agent: {e}");
                     return EXIT_CONFIG;
                 }
             };
-            crate::carrier::cli::init_logging(&settings.raw.log_level);
+            crate::process::init_logging(&settings.raw.log_level);
             serve(config, settings).await
         }
     }
@@ -167,8 +167,8 @@ async fn serve(path: PathBuf, mut settings: Settings) -> i32 {
         contact = %settings.contact,
         "agent started"
     );
-    let watchdog = crate::carrier::cli::notify_systemd_ready();
-    let shutdown = crate::carrier::cli::shutdown_signal();
+    let watchdog = crate::process::notify_systemd_ready();
+    let shutdown = crate::process::shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         let why = tokio::select! {

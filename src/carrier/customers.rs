@@ -228,12 +228,8 @@ async fn listen_for_changes(url: String, changed: Arc<Notify>) {
         }
     };
     loop {
-        let mut listener = match PgListener::connect_with(&pool).await {
-            Ok(mut l) => {
-                // A lost connection ends `try_recv` at once; reconnecting is done below.
-                l.eager_reconnect(false);
-                l
-            }
+        let mut listener = match listen(&pool).await {
+            Ok(l) => l,
             Err(e) => {
                 if !std::mem::replace(&mut failing, true) {
                     warn!(error = %e, "store change notifications unavailable; polling");
@@ -242,13 +238,6 @@ async fn listen_for_changes(url: String, changed: Arc<Notify>) {
                 continue;
             }
         };
-        if let Err(e) = listener.listen(CHANGES_CHANNEL).await {
-            if !std::mem::replace(&mut failing, true) {
-                warn!(error = %e, "store change notifications unavailable; polling");
-            }
-            tokio::time::sleep(LISTEN_RETRY).await;
-            continue;
-        }
         failing = false;
         changed.notify_one();
         // `try_recv` gives None when the connection drops: connect again from the top. The
@@ -259,6 +248,15 @@ async fn listen_for_changes(url: String, changed: Arc<Notify>) {
         changed.notify_one();
         tokio::time::sleep(LISTEN_RETRY).await;
     }
+}
+
+/// A listener on [`CHANGES_CHANNEL`] whose lost connection ends `try_recv` at once
+/// (reconnecting is the caller's).
+async fn listen(pool: &sqlx::PgPool) -> Result<PgListener, sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.eager_reconnect(false);
+    listener.listen(CHANGES_CHANNEL).await?;
+    Ok(listener)
 }
 
 /// How long to wait before listening again after PostgreSQL went away.
