@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod carrier;
+pub mod metrics;
 pub mod process;
 pub mod sip;
 

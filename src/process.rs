@@ -25,7 +25,9 @@ pub fn init_logging(level: &str) {
     let journald = std::env::var_os("JOURNAL_STREAM")
         .is_some()
         .then(tracing_journald::layer)
-        .and_then(Result::ok);
+        .and_then(Result::ok)
+        // Fields as they are named (`CALL_ID`), not `F_CALL_ID`.
+        .map(|layer| layer.with_field_prefix(None));
     match journald {
         Some(journald) => {
             let _ = tracing_subscriber::registry()
@@ -62,6 +64,26 @@ pub fn notify_systemd_ready() -> Option<tokio::task::JoinHandle<()>> {
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
         }
     }))
+}
+
+/// SIGHUP, which asks for the configuration to be read again; `None` (logged) when it cannot
+/// be handled.
+pub fn hangup_signal() -> Option<tokio::signal::unix::Signal> {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "SIGHUP not handled");
+            None
+        }
+    }
+}
+
+/// The next SIGHUP; never, without a handler.
+pub async fn recv_hangup(s: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match s {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Returns on SIGTERM or SIGINT.

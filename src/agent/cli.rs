@@ -141,6 +141,19 @@ async fn serve(path: PathBuf, mut settings: Settings) -> i32 {
             }
         }
     }
+    crate::metrics::install();
+    let metrics_task = match settings.metrics {
+        Some(addr) => match crate::metrics::serve(addr).await {
+            Ok((_, task)) => Some(task),
+            Err(e) => {
+                tracing::error!("cannot start: {e}");
+                eprintln!("lifeline-agent: {e}");
+                return 1;
+            }
+        },
+        None => None,
+    };
+    let gauges = tokio::spawn(super::metrics::follow(status_rx.clone(), sync_rx.clone()));
     let status_task = match listen_status(&settings.raw.status_socket, status_rx, sync_rx) {
         Ok(task) => Some(task),
         Err(e) => {
@@ -155,13 +168,7 @@ async fn serve(path: PathBuf, mut settings: Settings) -> i32 {
             None
         }
     };
-    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            warn!(error = %e, "SIGHUP not handled");
-            None
-        }
-    };
+    let mut hangup = crate::process::hangup_signal();
     info!(
         servers = settings.servers.len(),
         contact = %settings.contact,
@@ -173,7 +180,7 @@ async fn serve(path: PathBuf, mut settings: Settings) -> i32 {
     loop {
         let why = tokio::select! {
             () = &mut shutdown => break,
-            Some(()) = recv_hangup(&mut hangup) => "SIGHUP",
+            Some(()) = crate::process::recv_hangup(&mut hangup) => "SIGHUP",
             Some(()) = recv_change(&mut file_changes) => "the file changed",
         };
         let fresh = match AgentConfig::load(&path) {
@@ -200,11 +207,17 @@ async fn serve(path: PathBuf, mut settings: Settings) -> i32 {
         if fresh.raw.api != settings.raw.api
             || fresh.raw.status_socket != settings.raw.status_socket
             || fresh.raw.log_level != settings.raw.log_level
+            || fresh.raw.metrics_listen != settings.raw.metrics_listen
         {
-            warn!("api, status_socket and log_level changes take effect when the agent restarts");
+            warn!(
+                "api, status_socket, log_level and metrics_listen changes take effect when the \
+                 agent restarts"
+            );
             applied.raw.api = settings.raw.api.clone();
             applied.raw.status_socket = settings.raw.status_socket.clone();
             applied.raw.log_level = settings.raw.log_level.clone();
+            applied.raw.metrics_listen = settings.raw.metrics_listen.clone();
+            applied.metrics = settings.metrics;
         }
         if sip_side(&fresh) != sip_side(&settings) {
             info!("SIP settings changed: restarting registrations");
@@ -246,18 +259,15 @@ async fn serve(path: PathBuf, mut settings: Settings) -> i32 {
     for task in upstream {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
+    gauges.abort();
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     if let Some(task) = status_task {
         task.abort();
         let _ = std::fs::remove_file(&settings.raw.status_socket);
     }
     0
-}
-
-async fn recv_hangup(s: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
-    match s {
-        Some(s) => s.recv().await,
-        None => std::future::pending().await,
-    }
 }
 
 async fn recv_change(rx: &mut Option<tokio::sync::mpsc::Receiver<()>>) -> Option<()> {

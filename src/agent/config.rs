@@ -70,6 +70,8 @@ pub struct AgentConfig {
     pub status_socket: PathBuf,
     /// Log filter (`info`, `debug`); `RUST_LOG` wins when set.
     pub log_level: String,
+    /// Where Prometheus metrics are served (`ADDR:PORT`, `GET /metrics`); empty: not served.
+    pub metrics_listen: String,
     pub pbx: PbxConfig,
     pub api: ApiConfig,
     pub failover: FailoverConfig,
@@ -142,6 +144,7 @@ impl Default for AgentConfig {
             t1_ms: 500,
             status_socket: PathBuf::from("/run/lifeline/agent.sock"),
             log_level: "info".into(),
+            metrics_listen: String::new(),
             pbx: PbxConfig::default(),
             api: ApiConfig::default(),
             failover: FailoverConfig::default(),
@@ -218,6 +221,8 @@ pub struct Settings {
     pub contact: Uri,
     /// `None` when `failover.sync` is off.
     pub failover: Option<FailoverPlan>,
+    /// Where metrics are served, if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Settings {
@@ -367,6 +372,8 @@ impl AgentConfig {
         } else {
             None
         };
+        let metrics = crate::metrics::parse_listen(&self.metrics_listen)
+            .map_err(|e| invalid("metrics_listen", e))?;
         Ok(Settings {
             raw: self,
             listen,
@@ -375,6 +382,7 @@ impl AgentConfig {
             pbx_address,
             contact,
             failover,
+            metrics,
         })
     }
 }

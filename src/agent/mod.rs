@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod config;
 pub mod health;
+pub mod metrics;
 pub mod registration;
 pub mod run;
 pub mod upstream;

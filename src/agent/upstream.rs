@@ -787,7 +787,7 @@ mod tests {
     use tempfile::TempDir;
 
     use super::*;
-    use crate::carrier::api::{ApiState, ServerView};
+    use crate::carrier::api::{ApiState, Reloadable, ServerView};
     use crate::carrier::call_log::CallLog;
     use crate::carrier::delivery_rule::FailoverPbx;
     use crate::carrier::store::{AccountId, FailoverSettings, Store, TokenScope};
@@ -900,8 +900,8 @@ mod tests {
                 },
                 call_log,
                 realm: "lifeline".into(),
-                failover_prefixes: Arc::new(vec!["+1555".into()]),
-                trunk_servers: Arc::new(vec!["trunk1".into()]),
+                failover_prefixes: Reloadable::new(vec!["+1555".into()]),
+                trunk_servers: Reloadable::new(vec!["trunk1".into()]),
             };
             Carrier {
                 _dir: dir,

@@ -9,7 +9,9 @@ use super::admin::{self, AdminCommand};
 use super::call_log::{self, CallLogReader};
 use super::config::{CarrierConfig, Settings};
 use super::server;
-use crate::process::{init_logging, notify_systemd_ready, shutdown_signal};
+use crate::process::{
+    hangup_signal, init_logging, notify_systemd_ready, recv_hangup, shutdown_signal,
+};
 
 /// Lifeline trunk server: SIP registrar and failover proxy.
 #[derive(Debug, Parser)]
@@ -73,8 +75,9 @@ pub fn settings(cli: &Cli) -> Result<Settings, super::config::ConfigError> {
     Ok(settings)
 }
 
-/// Runs the server until SIGINT or SIGTERM. Returns the process exit code.
-pub async fn run(cli: Cli) -> i32 {
+/// Runs the server until SIGINT or SIGTERM; SIGHUP reloads the configuration file (see
+/// [`server::RunningCarrier::reload`]). Returns the process exit code.
+pub async fn run(mut cli: Cli) -> i32 {
     let settings = match settings(&cli) {
         Ok(s) => s,
         Err(e) => {
@@ -85,7 +88,7 @@ pub async fn run(cli: Cli) -> i32 {
         }
     };
     init_logging(&settings.raw.log_level);
-    match cli.command {
+    match cli.command.take() {
         Some(Command::Admin(cmd)) => {
             return admin::execute(cmd, &settings.store_location(), &settings.raw.realm).await;
         }
@@ -104,7 +107,7 @@ pub async fn run(cli: Cli) -> i32 {
         }
         None => {}
     }
-    let running = match server::start(settings).await {
+    let mut running = match server::start(settings).await {
         Ok(r) => r,
         Err(e) => {
             tracing::error!("cannot start: {e}");
@@ -113,7 +116,15 @@ pub async fn run(cli: Cli) -> i32 {
         }
     };
     let watchdog = notify_systemd_ready();
-    shutdown_signal().await;
+    let mut hangup = hangup_signal();
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(()) = recv_hangup(&mut hangup) => reload(&cli, &mut running),
+        }
+    }
     tracing::info!("shutting down");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     if let Some(w) = watchdog {
@@ -121,6 +132,36 @@ pub async fn run(cli: Cli) -> i32 {
     }
     running.stop().await;
     0
+}
+
+/// SIGHUP: reads the configuration file again and puts it in force. A file that is refused
+/// changes nothing; the error names the key.
+fn reload(cli: &Cli, running: &mut server::RunningCarrier) {
+    let Some(path) = &cli.config else {
+        tracing::warn!("SIGHUP: there is no configuration file to reload (no --config)");
+        return;
+    };
+    let fresh = match settings(cli) {
+        Ok(fresh) => fresh,
+        Err(e) => {
+            tracing::error!(config = %path.display(), "configuration refused; the settings in force stay: {e}");
+            return;
+        }
+    };
+    match running.reload(fresh) {
+        Ok(pending) if pending.is_empty() => {
+            tracing::info!(config = %path.display(), "configuration reloaded");
+        }
+        Ok(pending) => tracing::warn!(
+            config = %path.display(),
+            restart_needed = %pending.join(", "),
+            "configuration reloaded, except keys that take effect at the next restart"
+        ),
+        Err(e) => tracing::error!(
+            config = %path.display(),
+            "configuration refused; the settings in force stay: {e}"
+        ),
+    }
 }
 
 /// `lifeline-carrier calls`: prints the newest calls (format in [`call_log`]). Returns the

@@ -136,6 +136,9 @@ pub struct CarrierConfig {
     pub api_tls_certificate: Option<PathBuf>,
     /// PEM private key for the API's HTTPS.
     pub api_tls_private_key: Option<PathBuf>,
+    /// Where Prometheus metrics are served (`ADDR:PORT`, `GET /metrics`, no token: keep it on
+    /// loopback or a management network); empty: not served.
+    pub metrics_listen: String,
     /// E.164 prefixes (`"+1"`, `"+4420"`) failover numbers set through the API must start
     /// with: a stolen token must not forward DIDs to premium numbers. Empty: the API accepts
     /// no failover number at all.
@@ -203,6 +206,7 @@ impl Default for CarrierConfig {
             api_listen: "127.0.0.1:8080".into(),
             api_tls_certificate: None,
             api_tls_private_key: None,
+            metrics_listen: String::new(),
             failover_number_prefixes: Vec::new(),
             dns_servers: Vec::new(),
         }
@@ -221,6 +225,8 @@ pub struct Settings {
     pub probe: ProbeConfig,
     /// The provisioning API, if it is on.
     pub api: Option<ApiListen>,
+    /// Where metrics are served, if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl Settings {
@@ -500,6 +506,8 @@ impl CarrierConfig {
             }
             Some(ApiListen { addr, tls })
         };
+        let metrics = crate::metrics::parse_listen(&self.metrics_listen)
+            .map_err(|e| invalid("metrics_listen", e))?;
         if !self.store_url.is_empty()
             && !["postgres://", "postgresql://"]
                 .iter()
@@ -538,6 +546,7 @@ impl CarrierConfig {
             proxy,
             probe,
             api,
+            metrics,
         })
     }
 }

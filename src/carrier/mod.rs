@@ -12,6 +12,7 @@ pub mod config;
 pub mod customers;
 pub mod delivery_rule;
 pub mod explain;
+pub mod metrics;
 pub mod probe;
 pub mod proxy;
 pub mod registrar;

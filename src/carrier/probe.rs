@@ -73,6 +73,11 @@ pub struct Prober {
 }
 
 impl Prober {
+    /// New settings (a reload): probes are scheduled by them from the next one on.
+    pub fn set_config(&mut self, config: ProbeConfig) {
+        self.config = config;
+    }
+
     pub fn new(config: ProbeConfig) -> Prober {
         Prober {
             config,

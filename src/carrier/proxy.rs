@@ -364,6 +364,12 @@ impl Proxy {
         &self.config
     }
 
+    /// New settings (a reload), for calls that start from now on: a call in progress keeps
+    /// the plan it was given.
+    pub fn set_config(&mut self, config: ProxyConfig) {
+        self.config = config;
+    }
+
     /// The key of this server's dialog tokens.
     pub fn dialog_key(&self) -> &[u8; 32] {
         &self.dialog_key
@@ -472,7 +478,7 @@ impl Proxy {
             call_id = %req.call_id(),
             did = %call.did,
             trunk_group = call.trunk_group,
-            server = %self.config.name,
+            trunk_server = %self.config.name,
         );
         let _g = span.enter();
         let trying = req.response(100, "Trying", None);
@@ -909,6 +915,7 @@ impl Proxy {
         m.push_via(our_via(Transport::Udp, local));
         info!(
             call_id = %req.call_id(),
+            trunk_server = %self.config.name,
             method = %req.method(),
             source = %flow.remote,
             target = %remote,

@@ -87,6 +87,12 @@ pub fn unix_ms(t: SystemTime) -> i64 {
 }
 
 impl Registrar {
+    /// New limits and digest settings (a reload) for the REGISTERs that follow; bindings
+    /// stay as they were granted.
+    pub fn set_config(&mut self, config: RegistrarConfig) {
+        self.config = config;
+    }
+
     /// A registrar holding the bindings loaded from `store`.
     pub fn new(
         config: RegistrarConfig,
@@ -162,6 +168,11 @@ impl Registrar {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Trunk groups with at least one binding here.
+    pub fn trunk_groups(&self) -> usize {
+        self.bindings.values().filter(|b| !b.is_empty()).count()
     }
 
     /// Drops expired bindings (memory and file).

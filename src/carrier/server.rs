@@ -22,10 +22,12 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 
+use super::api::Reloadable;
 use super::bindings::BindingStore;
 use super::call_log::CallLog;
-use super::config::Settings;
-use super::customers::{Customers, watch_customers};
+use super::config::{CarrierConfig, Settings};
+use super::customers::{Customers, StoreHealth, watch_customers};
+use super::metrics::CarrierMetrics;
 use super::probe::Prober;
 use super::proxy::{NewCall, Proxy, ResolveRequest, routed_through_us};
 use super::registrar::{Contact, Registrar, unix_ms};
@@ -35,7 +37,7 @@ use crate::sip::message::{Header, HeaderName, Message, Method, ParseError};
 use crate::sip::resolve::{Lookup, SipResolver};
 use crate::sip::transaction::{Event, RequestDisposition, ServerEvent, ServerId, Transactions};
 use crate::sip::transport::{
-    Flow, Incoming, ListenSpec, Received, SipTransport, Transport, log_bound, tls_server_config,
+    Flow, Incoming, ListenSpec, Received, ReloadableCert, SipTransport, Transport, log_bound,
 };
 use crate::sip::uri::Uri;
 
@@ -51,10 +53,25 @@ pub struct RunningCarrier {
     /// Where the API listens, if it is on.
     api: Option<std::net::SocketAddr>,
     api_task: Option<JoinHandle<()>>,
+    /// Where metrics are served (with its real port), if they are.
+    metrics: Option<std::net::SocketAddr>,
+    metrics_task: Option<JoinHandle<()>>,
     heartbeat: JoinHandle<()>,
     transport: SipTransport,
     stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
+    /// The settings in force, and what a reload replaces in the running parts.
+    settings: Settings,
+    reloads: mpsc::UnboundedSender<Settings>,
+    sip_cert: Option<Arc<ReloadableCert>>,
+    api_reload: Option<ApiReload>,
+}
+
+/// What a reload replaces in the running API.
+struct ApiReload {
+    cert: Option<Arc<ReloadableCert>>,
+    failover_prefixes: Reloadable<Vec<String>>,
+    trunk_servers: Reloadable<Vec<String>>,
 }
 
 impl RunningCarrier {
@@ -68,13 +85,78 @@ impl RunningCarrier {
         self.api
     }
 
-    /// Stops receiving and waits for the service task to end.
+    /// Where metrics are served (with its real port), if they are.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics
+    }
+
+    /// Puts a new configuration in force without dropping calls or bindings: peers,
+    /// upstream, timers, the delivery rule's settings, probing, registrar limits, the API's
+    /// failover prefixes, and the TLS certificates (read again from their files even when
+    /// the paths are unchanged). Calls in progress finish under the plan they started with.
+    ///
+    /// Keys that need a restart keep their running values; their names are returned. A
+    /// certificate that cannot be loaded refuses the whole reload (nothing changes).
+    pub fn reload(&mut self, fresh: Settings) -> Result<Vec<&'static str>, String> {
+        let old = &self.settings;
+        let mut applied = fresh;
+        let mut pending = keep_restart_only(&mut applied.raw, &old.raw);
+        // A listener's TLS is set at start; its certificate can be replaced. Both are read
+        // before either is put in use.
+        let mut certs = Vec::new();
+        match (
+            &self.sip_cert,
+            &applied.raw.tls_certificate,
+            &applied.raw.tls_private_key,
+        ) {
+            (Some(cert), Some(c), Some(k)) => certs.push((cert, cert.read(c, k)?)),
+            (None, None, None) => {}
+            _ => {
+                applied.raw.tls_certificate = old.raw.tls_certificate.clone();
+                applied.raw.tls_private_key = old.raw.tls_private_key.clone();
+                pending.push("tls_certificate");
+            }
+        }
+        if let Some(api) = &self.api_reload {
+            match (&api.cert, applied.api.as_ref().and_then(|a| a.tls.as_ref())) {
+                (Some(cert), Some((c, k))) => {
+                    certs.push((cert, cert.read(c, k).map_err(|e| format!("api_{e}"))?));
+                }
+                (None, None) => {}
+                _ => {
+                    applied.raw.api_tls_certificate = old.raw.api_tls_certificate.clone();
+                    applied.raw.api_tls_private_key = old.raw.api_tls_private_key.clone();
+                    pending.push("api_tls_certificate");
+                }
+            }
+        }
+        for (cert, fresh) in certs {
+            cert.replace(fresh);
+        }
+        if let Some(api) = &self.api_reload {
+            api.failover_prefixes
+                .set(applied.raw.failover_number_prefixes.clone());
+            api.trunk_servers.set(trunk_servers(&applied));
+        }
+        applied.registrar.realm = old.registrar.realm.clone();
+        applied.proxy.name = old.proxy.name.clone();
+        applied.listen = old.listen.clone();
+        applied.transport = old.transport.clone();
+        applied.api = old.api.clone();
+        applied.metrics = old.metrics;
+        self.reloads
+            .send(applied.clone())
+            .map_err(|_| "the SIP service has stopped".to_string())?;
+        self.settings = applied;
+        Ok(pending)
+    }
+
     /// Stops receiving, ends the service (writing pending bindings) and closes every
     /// connection; the listen addresses are free again once this returns and the last send in
     /// flight has finished.
     pub async fn stop(self) {
-        if let Some(api) = &self.api_task {
-            api.abort();
+        for task in [&self.api_task, &self.metrics_task].into_iter().flatten() {
+            task.abort();
         }
         self.heartbeat.abort();
         self.transport.shutdown();
@@ -116,15 +198,20 @@ pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
         path: dir.clone(),
         source,
     })?;
-    let tls = match (&settings.raw.tls_certificate, &settings.raw.tls_private_key) {
-        (Some(c), Some(k)) => Some(tls_server_config(c, k).map_err(StartError::Tls)?),
+    let sip_cert = match (&settings.raw.tls_certificate, &settings.raw.tls_private_key) {
+        (Some(c), Some(k)) => Some(ReloadableCert::load(c, k).map_err(StartError::Tls)?),
         _ => None,
+    };
+    let tls = match &sip_cert {
+        Some(cert) => Some(cert.server_config().map_err(StartError::Tls)?),
+        None => None,
     };
     let dialog_key =
         load_or_create_key(&dir.join(DIALOG_KEY_FILE)).map_err(|source| StartError::DataDir {
             path: dir.join(DIALOG_KEY_FILE),
             source,
         })?;
+    crate::metrics::install();
     let store = Store::connect(&settings.store_location()).await?;
     info!(store = %store.location(), "configuration store open");
     let store_for_api = store.clone();
@@ -159,17 +246,30 @@ pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
     let heartbeat = tokio::spawn(heartbeat(store_for_api.clone(), settings.raw.name.clone()));
     let server_view = super::api::ServerView {
         customers: customers.clone(),
-        store_health,
+        store_health: store_health.clone(),
     };
-    let (api, api_task) =
+    let (api, api_task, api_reload) =
         match start_api(&settings, store_for_api, server_view, call_log.clone()).await {
-            Ok(Some((addr, task))) => (Some(addr), Some(task)),
-            Ok(None) => (None, None),
+            Ok(Some((addr, task, reload))) => (Some(addr), Some(task), Some(reload)),
+            Ok(None) => (None, None, None),
             Err(e) => {
                 transport.shutdown();
                 return Err(e);
             }
         };
+    let (metrics, metrics_task) = match settings.metrics {
+        None => (None, None),
+        Some(addr) => match crate::metrics::serve(addr).await {
+            Ok((addr, task)) => (Some(addr), Some(task)),
+            Err(e) => {
+                transport.shutdown();
+                if let Some(api) = api_task {
+                    api.abort();
+                }
+                return Err(StartError::Bind(e));
+            }
+        },
+    };
     info!(name = %settings.raw.name, data_dir = %dir.display(), "carrier started");
     let shutdown_handle = transport.clone();
     let service = Service {
@@ -181,19 +281,28 @@ pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
         prober: Prober::new(settings.probe),
         presence,
         call_log,
+        metrics: CarrierMetrics::new(&settings.raw.name),
+        store_health,
         resolver: dns_resolver(&settings.proxy.dns_servers),
         resolved: mpsc::unbounded_channel(),
     };
     let (stop, stopped) = oneshot::channel();
-    let task = tokio::spawn(service.run(incoming, stopped));
+    let (reloads, reloaded) = mpsc::unbounded_channel();
+    let task = tokio::spawn(service.run(incoming, reloaded, stopped));
     Ok(RunningCarrier {
         bound,
         api,
         api_task,
+        metrics,
+        metrics_task,
         heartbeat,
         transport: shutdown_handle,
         stop,
         task,
+        settings,
+        reloads,
+        sip_cert,
+        api_reload,
     })
 }
 
@@ -292,7 +401,7 @@ async fn start_api(
     store: Store,
     server_view: super::api::ServerView,
     call_log: CallLog,
-) -> Result<Option<(std::net::SocketAddr, JoinHandle<()>)>, StartError> {
+) -> Result<Option<(std::net::SocketAddr, JoinHandle<()>, ApiReload)>, StartError> {
     let Some(api) = &settings.api else {
         return Ok(None);
     };
@@ -302,19 +411,13 @@ async fn start_api(
         server: server_view,
         call_log,
         realm: settings.raw.realm.clone(),
-        failover_prefixes: Arc::new(settings.raw.failover_number_prefixes.clone()),
-        trunk_servers: Arc::new({
-            let mut names: Vec<String> = settings
-                .proxy
-                .peers
-                .iter()
-                .map(|p| p.name.clone())
-                .collect();
-            if !names.contains(&settings.raw.name) {
-                names.insert(0, settings.raw.name.clone());
-            }
-            names
-        }),
+        failover_prefixes: Reloadable::new(settings.raw.failover_number_prefixes.clone()),
+        trunk_servers: Reloadable::new(trunk_servers(settings)),
+    };
+    let mut reload = ApiReload {
+        cert: None,
+        failover_prefixes: state.failover_prefixes.clone(),
+        trunk_servers: state.trunk_servers.clone(),
     };
     let bind_error = |e: io::Error| {
         StartError::Bind(io::Error::new(
@@ -332,11 +435,16 @@ async fn start_api(
             Ok(Some((
                 addr,
                 tokio::spawn(super::api::serve_plain(listener, state)),
+                reload,
             )))
         }
         Some((cert, key)) => {
-            let tls =
-                tls_server_config(cert, key).map_err(|e| StartError::Tls(format!("api_{e}")))?;
+            let cert =
+                ReloadableCert::load(cert, key).map_err(|e| StartError::Tls(format!("api_{e}")))?;
+            let tls = cert
+                .server_config()
+                .map_err(|e| StartError::Tls(format!("api_{e}")))?;
+            reload.cert = Some(cert);
             let mut tls = Arc::unwrap_or_clone(tls);
             tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
             let listener = std::net::TcpListener::bind(api.addr).map_err(bind_error)?;
@@ -346,6 +454,7 @@ async fn start_api(
             Ok(Some((
                 addr,
                 tokio::spawn(super::api::serve_tls(listener, Arc::new(tls), state)),
+                reload,
             )))
         }
     }
@@ -362,6 +471,8 @@ struct Service {
     presence: mpsc::UnboundedSender<Vec<(TrunkGroupId, usize)>>,
     /// Where the record of every call goes.
     call_log: CallLog,
+    metrics: CarrierMetrics,
+    store_health: Arc<StoreHealth>,
     /// RFC 3263 lookups of failover PBXs given by name; `None` when no DNS is configured.
     resolver: Option<SipResolver>,
     /// Lookups finished by their tasks, back to the service loop.
@@ -397,6 +508,7 @@ impl Service {
     async fn run(
         mut self,
         mut incoming: mpsc::Receiver<Incoming>,
+        mut reloads: mpsc::UnboundedReceiver<Settings>,
         mut stop: oneshot::Receiver<()>,
     ) {
         let mut expiry = tokio::time::interval(Duration::from_secs(1));
@@ -421,10 +533,16 @@ impl Service {
                 }
                 _ = expiry.tick() => {
                     self.registrar.expire(unix_ms(SystemTime::now()));
+                    self.metrics.set_state(
+                        self.registrar.len(),
+                        self.registrar.trunk_groups(),
+                        self.store_health.unreachable_since_ms().is_none(),
+                    );
                     // New bindings enter the probe schedule.
                     self.probe(Instant::now());
                 }
                 _ = sleep_until(probe_deadline) => self.probe(Instant::now()),
+                Some(settings) = reloads.recv() => self.apply(settings),
                 Some(done) = self.resolved.1.recv() => self.proxy.on_resolved(
                     Instant::now(),
                     &mut self.transactions,
@@ -441,6 +559,18 @@ impl Service {
         if let Err(e) = self.call_log.flush().await {
             warn!(error = %e, "call records not written");
         }
+    }
+
+    /// Puts reloaded settings in force for what starts from now on: transactions, REGISTERs,
+    /// calls and probes already running keep their own.
+    fn apply(&mut self, settings: Settings) {
+        if settings.proxy.dns_servers != self.proxy.config().dns_servers {
+            self.resolver = dns_resolver(&settings.proxy.dns_servers);
+        }
+        self.transactions.set_config(settings.timers);
+        self.registrar.set_config(settings.registrar);
+        self.proxy.set_config(settings.proxy);
+        self.prober.set_config(settings.probe);
     }
 
     /// Hands everything the transactions want sent to the transports.
@@ -484,6 +614,7 @@ impl Service {
                 self.resolve(request);
             }
             while let Some(record) = self.proxy.poll_record() {
+                self.metrics.call_ended(&record);
                 self.call_log.record(record);
             }
             if self.registrar.presence_changed() {
@@ -750,6 +881,9 @@ impl Service {
                     &new_tag(),
                 );
                 r.push_header(Header::new(HeaderName::Server, SERVER));
+                if let Some(status) = r.status() {
+                    self.metrics.register_answered(status);
+                }
                 r
             }
             Method::Options => {
@@ -936,4 +1070,48 @@ async fn sleep_until(deadline: Option<Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
+}
+
+/// Puts back into `applied` the running value of every key that needs a restart to change
+/// (listeners, store, names, log filter, …); returns the keys that were changed in the file.
+fn keep_restart_only(applied: &mut CarrierConfig, old: &CarrierConfig) -> Vec<&'static str> {
+    let mut kept = Vec::new();
+    macro_rules! keep {
+        ($($key:ident),*) => {$(
+            if applied.$key != old.$key {
+                applied.$key = old.$key.clone();
+                kept.push(stringify!($key));
+            }
+        )*};
+    }
+    keep!(
+        name,
+        realm,
+        sip_listen,
+        data_dir,
+        store_url,
+        log_level,
+        api_listen,
+        metrics_listen,
+        config_poll_ms,
+        bindings_flush_ms,
+        nonce_lifetime_s,
+        call_record_days,
+        stream_idle_timeout_ms
+    );
+    kept
+}
+
+/// The trunk servers by name, this one first unless the peers list it.
+fn trunk_servers(settings: &Settings) -> Vec<String> {
+    let mut names: Vec<String> = settings
+        .proxy
+        .peers
+        .iter()
+        .map(|p| p.name.clone())
+        .collect();
+    if !names.contains(&settings.raw.name) {
+        names.insert(0, settings.raw.name.clone());
+    }
+    names
 }

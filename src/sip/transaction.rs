@@ -966,6 +966,11 @@ pub struct Transactions<D> {
 // === impl Transactions ===
 
 impl<D: Clone> Transactions<D> {
+    /// Transactions created from now on use `config`; running ones keep theirs.
+    pub fn set_config(&mut self, config: TimerConfig) {
+        self.config = config;
+    }
+
     /// An empty table whose transactions use `config`.
     pub fn new(config: TimerConfig) -> Self {
         Transactions {

@@ -183,8 +183,67 @@ impl Default for TransportOptions {
     }
 }
 
-/// Loads a TLS server configuration from PEM files (certificate chain and private key).
-pub fn tls_server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
+/// A TLS certificate (chain and key) that can be replaced while listeners run: handshakes
+/// after [`ReloadableCert::reload`] present the new one, connections already open keep theirs.
+#[derive(Debug)]
+pub struct ReloadableCert {
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ReloadableCert {
+    /// Loads the PEM files; errors name the file and the key of the configuration
+    /// (`tls_certificate`, `tls_private_key`).
+    pub fn load(cert: &Path, key: &Path) -> Result<Arc<ReloadableCert>, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let current = certified_key(cert, key, &provider)?;
+        Ok(Arc::new(ReloadableCert {
+            current: std::sync::RwLock::new(Arc::new(current)),
+            provider,
+        }))
+    }
+
+    /// Reads a replacement from the PEM files, without putting it in use.
+    pub fn read(&self, cert: &Path, key: &Path) -> Result<Arc<rustls::sign::CertifiedKey>, String> {
+        certified_key(cert, key, &self.provider).map(Arc::new)
+    }
+
+    /// Puts a certificate from [`ReloadableCert::read`] in use.
+    pub fn replace(&self, fresh: Arc<rustls::sign::CertifiedKey>) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+    }
+
+    /// A server configuration that presents this certificate.
+    pub fn server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, String> {
+        let config = rustls::ServerConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        Ok(Arc::new(config))
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ReloadableCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
+    }
+}
+
+/// Reads a certificate chain and its private key (PEM) and checks that they belong together.
+fn certified_key(
+    cert: &Path,
+    key: &Path,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<rustls::sign::CertifiedKey, String> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let certs = CertificateDer::pem_file_iter(cert)
@@ -196,16 +255,15 @@ pub fn tls_server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerCo
             cert.display()
         ));
     }
-    let key = PrivateKeyDer::from_pem_file(key)
+    let private = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| format!("tls_private_key {}: {e}", key.display()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("tls_private_key: {e}"))?;
-    Ok(Arc::new(config))
+    rustls::sign::CertifiedKey::from_der(certs, private, provider)
+        .map_err(|e| format!("tls_private_key {}: {e}", key.display()))
+}
+
+/// Loads a TLS server configuration from PEM files (certificate chain and private key).
+pub fn tls_server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
+    ReloadableCert::load(cert, key)?.server_config()
 }
 
 /// The SIP transport layer: UDP sockets, TCP and TLS listeners, and open connections.

@@ -44,9 +44,28 @@ pub struct ApiState {
     /// The digest realm passwords are hashed for.
     pub realm: String,
     /// E.164 prefixes failover numbers must start with (toll-fraud protection).
-    pub failover_prefixes: Arc<Vec<String>>,
+    pub failover_prefixes: Reloadable<Vec<String>>,
     /// The trunk servers, by name (this one and its peers): a PBX should be registered on all.
-    pub trunk_servers: Arc<Vec<String>>,
+    pub trunk_servers: Reloadable<Vec<String>>,
+}
+
+/// A setting a configuration reload may replace while handlers read it.
+#[derive(Debug, Clone)]
+pub struct Reloadable<T>(Arc<std::sync::RwLock<Arc<T>>>);
+
+impl<T> Reloadable<T> {
+    pub fn new(value: T) -> Self {
+        Reloadable(Arc::new(std::sync::RwLock::new(Arc::new(value))))
+    }
+
+    /// The value in force.
+    pub fn get(&self) -> Arc<T> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set(&self, value: T) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(value);
+    }
 }
 
 /// What the API reports of the running server: the configuration copy it routes from and

@@ -243,6 +243,7 @@ fn check_number(state: &ApiState, field: &str, number: &str) -> Result<String> {
     let n = normalize_e164(number).map_err(|e| ApiError::store(e, field))?;
     if !state
         .failover_prefixes
+        .get()
         .iter()
         .any(|p| n.starts_with(p.as_str()))
     {
@@ -1261,8 +1262,8 @@ pub async fn get_status(
         .map(|(s, _, _)| s.clone())
         .filter(|s| live(s))
         .collect();
-    let missing: Vec<&String> = state
-        .trunk_servers
+    let trunk_servers = state.trunk_servers.get();
+    let missing: Vec<&String> = trunk_servers
         .iter()
         .filter(|s| !registered_on.contains(s))
         .collect();
@@ -1280,7 +1281,7 @@ pub async fn get_status(
             "failover is configured but the PBX is registered on {} of {} trunk servers: \
              calls arriving at {} fail over although the PBX is up",
             registered_on.len(),
-            state.trunk_servers.len(),
+            trunk_servers.len(),
             missing
                 .iter()
                 .map(|s| s.as_str())
@@ -1290,7 +1291,7 @@ pub async fn get_status(
     }
     Ok(Json(StatusView {
         trunk_group: id,
-        trunk_servers: state.trunk_servers.to_vec(),
+        trunk_servers: trunk_servers.to_vec(),
         registered_on,
         silent_servers,
         servers: presence
