@@ -8,22 +8,37 @@ use std::time::Duration;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::task::JoinHandle;
 
-/// Bucket bounds of every `*_seconds` histogram: from a fraction of a millisecond (an
-/// unregistered PBX) to past the default setup timer (10 s).
+/// Bucket bounds of the delivery delay: from a fraction of a millisecond (an unregistered
+/// PBX) to past the default setup timer (10 s).
 const SECONDS_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Bucket bounds of the call setup time: a call may ring for up to Timer C (180 s).
+const SETUP_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 180.0, 300.0,
 ];
 
 /// How often histograms are trimmed (the exporter leaves it to its user).
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
-/// The process's recorder, installed on first use. In a process that runs several servers (the
-/// tests), they share it.
+/// The process's recorder, installed when the endpoint is first served: without one the
+/// `metrics` macros record nothing (histogram samples would otherwise pile up, undrained). In
+/// a process that runs several servers (the tests), they share it.
 fn handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
         let recorder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+            .set_buckets_for_metric(
+                Matcher::Full("lifeline_call_setup_seconds".into()),
+                SETUP_BUCKETS,
+            )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("lifeline_delivery_delay_seconds".into()),
+                    SECONDS_BUCKETS,
+                )
+            })
             .expect("bucket bounds are not empty")
             .build_recorder();
         let handle = recorder.handle();
@@ -32,12 +47,6 @@ fn handle() -> &'static PrometheusHandle {
         }
         handle
     })
-}
-
-/// Installs the recorder without serving it, so that what happens before the endpoint is up
-/// (or with it off) is still counted.
-pub fn install() {
-    handle();
 }
 
 /// Serves `GET /metrics` on `addr` until the task is aborted; returns the bound address.

@@ -536,11 +536,11 @@ fn a_server_name_with_several_targets_is_registered_through_the_live_one() {
     );
     let log = agent.log();
     let dead = log
-        .find(&format!("target=UDP {}:5060", ip(net, 15)))
+        .find(&format!("server_target=UDP {}:5060", ip(net, 15)))
         .expect("the dead target tried");
     let live = log
         .find(&format!(
-            "registered server=sip:trunk1.example.test expires=4 target=UDP {}:5060",
+            "registered server=sip:trunk1.example.test expires=4 server_target=UDP {}:5060",
             ip(net, 10)
         ))
         .unwrap_or_else(|| panic!("registered through the live target:\n{log}"));

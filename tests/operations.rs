@@ -2,7 +2,8 @@
 //! after real calls, the carrier's SIGHUP reload with a call in progress, and the structured
 //! fields its log events carry to journald.
 //!
-//! Addresses: 127.0.131.0/24 (metrics), 127.0.132.0/24 (reload), 127.0.133.0/24 (journal);
+//! Addresses: 127.0.131.0/24 (metrics), 127.0.132.0/24 and 127.0.134.0/24 (reload),
+//! 127.0.133.0/24 (journal);
 //! `.10` trunk1, `.11` the PBX, `.12` the agent, `.13` the gateway, `.14` the caller.
 
 mod common;
@@ -227,6 +228,13 @@ fn both_programs_metrics_move_with_registrations_calls_and_failovers() {
     );
     assert!(
         text.contains("# TYPE lifeline_delivery_delay_seconds histogram"),
+        "{text}"
+    );
+    // A call may ring for minutes: the setup histogram has buckets that far.
+    assert!(
+        text.contains(
+            "lifeline_call_setup_seconds_bucket{server=\"trunk1\",outcome=\"delivered\",le=\"180\"} 2"
+        ),
         "{text}"
     );
 }
@@ -631,6 +639,8 @@ fn under_systemd_a_calls_events_reach_the_journal_with_its_fields() {
         .unwrap();
     for (i, e) in story.iter().enumerate() {
         assert_eq!(field(e, "TRUNK_SERVER"), Some("trunk1"), "{e:?}");
+        // Our fields do not collide with the journal's own (TARGET is the module).
+        assert_eq!(e.iter().filter(|(k, _)| k == "TARGET").count(), 1, "{e:?}");
         if i <= ended_at {
             assert_eq!(field(e, "DID"), Some(DID), "{e:?}");
             assert_eq!(field(e, "TRUNK_GROUP"), Some(group.as_str()), "{e:?}");
@@ -645,4 +655,57 @@ fn under_systemd_a_calls_events_reach_the_journal_with_its_fields() {
     drop(t1);
     drop(received);
     reader.join().unwrap();
+}
+
+#[test]
+fn a_reload_during_delivery_leaves_the_calls_later_stages_alone() {
+    let net = 134;
+    let (me, pbx_ip, gw, caller) = (ip(net, 10), ip(net, 11), ip(net, 13), ip(net, 14));
+    let config = |gateway: &str| {
+        format!(
+            "[carrier]\nname = \"trunk1\"\napi_listen = \"\"\nsip_listen = [\"udp:{me}:5060\"]\n\
+             t1_ms = 50\nt2_ms = 200\nt4_ms = 250\ntimer_d_ms = 500\nmin_expires_s = 1\n\
+             config_poll_ms = 100\nbindings_flush_ms = 50\nprobe_interval_ms = 0\n\
+             delivery_timer_ms = 1500\nupstream = [\"{caller}\"]\n{gateway}"
+        )
+    };
+    let mut t1 = start_carrier(&config(&format!("pstn_gateway = \"sip:{gw}:5060\"\n")), 1);
+    let dir = t1.dir.path().to_path_buf();
+    let group = provision_trunk_group(&dir, USER, PASSWORD);
+    admin(&dir, &["did", "add", DID, "--trunk-group", &group]);
+    admin(&dir, &["did", "failover", DID, "--number", FAILOVER_NUMBER]);
+    thread::sleep(Duration::from_millis(300));
+    register_pbx(&t1, &pbx_ip, USER);
+    // The PBX is there but silent: the call waits out the delivery timer.
+    let pbx = MiniPbx::start(&format!("{pbx_ip}:{PBX_PORT}"));
+    pbx.fall_silent();
+    let gateway = spawn_sipp(&gw, 5060, None, Scenario::Xml(answering_pbx_xml()), &[]);
+    thread::sleep(Duration::from_millis(300));
+    let the_call = spawn_sipp(
+        &caller,
+        0,
+        Some(t1.addr("udp").to_string()),
+        Scenario::Xml(caller_xml(DID, 200)),
+        &[],
+    );
+    wait(
+        "the INVITE at the silent PBX",
+        Duration::from_secs(10),
+        || !pbx.seen("INVITE").is_empty(),
+        || t1.log(),
+    );
+    // Meanwhile the gateway leaves the configuration.
+    std::fs::write(dir.join("carrier.toml"), config("")).unwrap();
+    hangup(&t1);
+    wait_for_count(&t1, "configuration reloaded", 1);
+    // The call started with a gateway: its failover number still goes there.
+    ok(the_call.wait(), "the caller", &t1);
+    let trace = ok(gateway.wait(), "the gateway", &t1);
+    assert!(
+        trace.contains(&format!("INVITE sip:{FAILOVER_NUMBER}@")),
+        "{trace}"
+    );
+    // A new call has no gateway to fail over to.
+    call(&t1, &caller, DID, 480);
+    assert!(t1.alive());
 }

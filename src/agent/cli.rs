@@ -112,6 +112,17 @@ pub async fn run(cli: Cli) -> i32 {
 /// new failover settings are pushed; other changes restart the SIP side (registrations stay in
 /// place meanwhile).
 async fn serve(path: PathBuf, mut settings: Settings) -> i32 {
+    let metrics_task = match settings.metrics {
+        Some(addr) => match crate::metrics::serve(addr).await {
+            Ok((_, task)) => Some(task),
+            Err(e) => {
+                tracing::error!("cannot start: {e}");
+                eprintln!("lifeline-agent: {e}");
+                return 1;
+            }
+        },
+        None => None,
+    };
     let (status_tx, status_rx) = watch::channel(AgentStatus::default());
     let mut running = match run::start(&settings, status_tx.clone(), PbxState::Unknown).await {
         Ok(r) => r,
@@ -141,18 +152,6 @@ async fn serve(path: PathBuf, mut settings: Settings) -> i32 {
             }
         }
     }
-    crate::metrics::install();
-    let metrics_task = match settings.metrics {
-        Some(addr) => match crate::metrics::serve(addr).await {
-            Ok((_, task)) => Some(task),
-            Err(e) => {
-                tracing::error!("cannot start: {e}");
-                eprintln!("lifeline-agent: {e}");
-                return 1;
-            }
-        },
-        None => None,
-    };
     let gauges = tokio::spawn(super::metrics::follow(status_rx.clone(), sync_rx.clone()));
     let status_task = match listen_status(&settings.raw.status_socket, status_rx, sync_rx) {
         Ok(task) => Some(task),

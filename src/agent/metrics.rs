@@ -25,8 +25,9 @@ pub async fn follow(
 ) {
     let mut status_open = true;
     let mut sync_open = true;
+    let mut shown: Vec<String> = Vec::new();
     while status_open || sync_open {
-        show_status(&status.borrow_and_update());
+        shown = show_status(&status.borrow_and_update(), shown);
         show_sync(&sync.borrow_and_update());
         tokio::select! {
             r = status.changed(), if status_open => status_open = r.is_ok(),
@@ -35,15 +36,25 @@ pub async fn follow(
     }
 }
 
-fn show_status(status: &AgentStatus) {
+/// Sets the gauges; a server shown before and no longer configured reads 0. Returns the
+/// servers shown.
+fn show_status(status: &AgentStatus, before: Vec<String>) -> Vec<String> {
     for s in &status.servers {
         gauge!("lifeline_agent_registered", "server" => s.server.clone()).set(flag(s.registered));
         gauge!("lifeline_agent_withdrawn", "server" => s.server.clone()).set(flag(s.withdrawn));
+    }
+    for gone in before
+        .into_iter()
+        .filter(|b| !status.servers.iter().any(|s| &s.server == b))
+    {
+        gauge!("lifeline_agent_registered", "server" => gone.clone()).set(0.0);
+        gauge!("lifeline_agent_withdrawn", "server" => gone).set(0.0);
     }
     for state in [PbxState::Up, PbxState::Down, PbxState::Unknown] {
         gauge!("lifeline_agent_pbx_state", "state" => state.as_str())
             .set(flag(status.pbx == state));
     }
+    status.servers.iter().map(|s| s.server.clone()).collect()
 }
 
 fn show_sync(sync: &SyncState) {

@@ -218,7 +218,7 @@ impl Registration {
                     State::Withdrawn
                 };
                 if !was_registered && self.wanted {
-                    info!(%server, expires = granted, target = %self.targets[self.target], "registered");
+                    info!(%server, expires = granted, server_target = %self.targets[self.target], "registered");
                 }
                 if !self.wanted {
                     // The PBX went down meanwhile: withdraw now.

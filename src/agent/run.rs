@@ -252,7 +252,7 @@ impl SipAgent {
                     None => {}
                     Some(Action::Resolve) => self.resolve(i),
                     Some(Action::Send(request, target)) => {
-                        debug!(server = %self.registrations[i].server.uri, %target, "sending REGISTER");
+                        debug!(server = %self.registrations[i].server.uri, server_target = %target, "sending REGISTER");
                         let dest = self.flow(target.transport, target.addr);
                         let reliable = target.transport.is_stream();
                         match self.transactions.new_client(now, *request, dest, reliable) {

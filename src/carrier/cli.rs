@@ -107,6 +107,9 @@ pub async fn run(mut cli: Cli) -> i32 {
         }
         None => {}
     }
+    // Handled before start: a reload queued behind the start (systemd sends it once we say
+    // READY) must not meet SIGHUP's default action, which ends the process.
+    let mut hangup = hangup_signal();
     let mut running = match server::start(settings).await {
         Ok(r) => r,
         Err(e) => {
@@ -116,7 +119,6 @@ pub async fn run(mut cli: Cli) -> i32 {
         }
     };
     let watchdog = notify_systemd_ready();
-    let mut hangup = hangup_signal();
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
@@ -148,7 +150,7 @@ fn reload(cli: &Cli, running: &mut server::RunningCarrier) {
             return;
         }
     };
-    match running.reload(fresh) {
+    match running.reload(fresh, path) {
         Ok(pending) if pending.is_empty() => {
             tracing::info!(config = %path.display(), "configuration reloaded");
         }

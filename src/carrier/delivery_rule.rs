@@ -1013,7 +1013,7 @@ impl<T: Clone + fmt::Display> Delivery<T> {
         info!(
             branch = branch.0,
             stage = %attempt.stage,
-            target = %attempt.target,
+            branch_target = %attempt.target,
             outcome = %outcome,
             elapsed_ms = attempt.duration().unwrap_or_default().as_millis() as u64,
             "delivery attempt ended"

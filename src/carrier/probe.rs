@@ -73,8 +73,14 @@ pub struct Prober {
 }
 
 impl Prober {
-    /// New settings (a reload): probes are scheduled by them from the next one on.
+    /// New settings (a reload): probes are scheduled by them from the next one on. Probing
+    /// turned off forgets every binding's state: none is skipped as failing any more.
     pub fn set_config(&mut self, config: ProbeConfig) {
+        if config.interval.is_none() {
+            self.states.clear();
+            self.clients.clear();
+            self.next_tick = None;
+        }
         self.config = config;
     }
 
@@ -109,6 +115,7 @@ impl Prober {
         max_forwards: u32,
     ) {
         let Some(interval) = self.config.interval else {
+            self.next_tick = None;
             return;
         };
         let now_ms = unix_ms(std::time::SystemTime::now());
@@ -268,5 +275,36 @@ fn host_of(addr: SocketAddr) -> Host {
     match addr.ip() {
         std::net::IpAddr::V4(ip) => Host::V4(ip),
         std::net::IpAddr::V6(ip) => Host::V6(ip),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probing_turned_off_by_a_reload_forgets_failing_bindings_and_its_deadline() {
+        let now = Instant::now();
+        let mut prober = Prober::new(ProbeConfig::default());
+        prober.states.insert(
+            (7, "sip:pbx@192.0.2.1".into()),
+            State {
+                next_at: now,
+                in_flight: None,
+                sent_at: now,
+                misses: 2,
+                failing: true,
+                registered_at_ms: 0,
+            },
+        );
+        prober.next_tick = Some(now);
+        assert!(prober.is_failing(7, "sip:pbx@192.0.2.1"));
+        prober.set_config(ProbeConfig {
+            interval: None,
+            ..ProbeConfig::default()
+        });
+        assert!(!prober.is_failing(7, "sip:pbx@192.0.2.1"));
+        // A deadline left in the past would spin the service loop.
+        assert_eq!(prober.poll_timeout(), None);
     }
 }

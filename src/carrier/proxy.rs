@@ -19,6 +19,7 @@ use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
@@ -302,12 +303,14 @@ struct Call {
     /// The delivery deadline last put in the proxy's timer heap.
     armed: Option<Instant>,
     span: Span,
+    /// The settings it started under: a reload does not change where its later stages go.
+    config: Arc<ProxyConfig>,
 }
 
 /// The transaction-stateful proxy's state: calls being delivered and the client transactions
 /// it started.
 pub struct Proxy {
-    config: ProxyConfig,
+    config: Arc<ProxyConfig>,
     /// Key of the dialog tokens in this server's Record-Route (see [`dialog_token`]).
     dialog_key: [u8; 32],
     /// The listen addresses: where branches are sent from.
@@ -347,7 +350,7 @@ pub struct ResolveRequest {
 impl Proxy {
     pub fn new(config: ProxyConfig, dialog_key: [u8; 32], bound: Vec<ListenSpec>) -> Proxy {
         Proxy {
-            config,
+            config: Arc::new(config),
             dialog_key,
             bound,
             calls: HashMap::new(),
@@ -367,7 +370,7 @@ impl Proxy {
     /// New settings (a reload), for calls that start from now on: a call in progress keeps
     /// the plan it was given.
     pub fn set_config(&mut self, config: ProxyConfig) {
-        self.config = config;
+        self.config = Arc::new(config);
     }
 
     /// The key of this server's dialog tokens.
@@ -514,7 +517,7 @@ impl Proxy {
             call_id = %req.call_id(),
             did = %call.did,
             trunk_group = call.trunk_group,
-            server = %self.config.name,
+            trunk_server = %self.config.name,
             source = %call.flow.remote,
             from_peer = %from_peer.as_deref().unwrap_or("-"),
             tried_by = %tried_by.join(","),
@@ -526,7 +529,7 @@ impl Proxy {
                 call_id = %req.call_id(),
                 did = %call.did,
                 trunk_group = call.trunk_group,
-                server = %self.config.name,
+                trunk_server = %self.config.name,
                 stage = %stage.stage,
                 plan = %stage,
                 "delivery plan"
@@ -552,6 +555,7 @@ impl Proxy {
                 cancel_pending: HashSet::new(),
                 armed: None,
                 span: span.clone(),
+                config: self.config.clone(),
             },
         );
         self.drive(now, tx, call.server, None);
@@ -681,7 +685,7 @@ impl Proxy {
             match action {
                 Action::StartBranch { branch, target } => {
                     let built =
-                        branch_for(call, &target, &self.config, &self.bound, &self.dialog_key);
+                        branch_for(call, &target, &call.config, &self.bound, &self.dialog_key);
                     let elapsed_ms = now.duration_since(call.started).as_millis() as u64;
                     let (req, t) = match built {
                         Ok(b) => b,
@@ -691,7 +695,7 @@ impl Proxy {
                                 did = %call.did,
                                 trunk_group = call.trunk_group,
                                 branch = %branch,
-                                target = %target,
+                                branch_target = %target,
                                 outcome = why,
                                 elapsed_ms,
                                 "branch not started"
@@ -710,7 +714,7 @@ impl Proxy {
                                 did = %call.did,
                                 trunk_group = call.trunk_group,
                                 branch = %branch,
-                                target = %target,
+                                branch_target = %target,
                                 to = %t,
                                 outcome = "INVITE sent",
                                 elapsed_ms,
@@ -718,7 +722,7 @@ impl Proxy {
                             );
                         }
                         Err(e) => {
-                            info!(target = %target, error = %e, outcome = "not sent", "branch failed");
+                            info!(branch_target = %target, error = %e, outcome = "not sent", "branch failed");
                             call.delivery.handle_transport_error(now, branch);
                         }
                     }
@@ -821,7 +825,7 @@ impl Proxy {
                         did = %call.did,
                         trunk_group = call.trunk_group,
                         source = %call.flow.remote,
-                        target = %target,
+                        answered_by = %target,
                         status = outcome.status(),
                         attempts = call.delivery.attempts().len(),
                         outcome = outcome_s,
@@ -918,7 +922,7 @@ impl Proxy {
             trunk_server = %self.config.name,
             method = %req.method(),
             source = %flow.remote,
-            target = %remote,
+            next_hop = %remote,
             outcome = "forwarded",
             "in-dialog request"
         );

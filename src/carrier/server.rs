@@ -93,43 +93,52 @@ impl RunningCarrier {
     /// Puts a new configuration in force without dropping calls or bindings: peers,
     /// upstream, timers, the delivery rule's settings, probing, registrar limits, the API's
     /// failover prefixes, and the TLS certificates (read again from their files even when
-    /// the paths are unchanged). Calls in progress finish under the plan they started with.
+    /// the paths are unchanged). Calls in progress finish under the settings they started with.
     ///
     /// Keys that need a restart keep their running values; their names are returned. A
     /// certificate that cannot be loaded refuses the whole reload (nothing changes).
-    pub fn reload(&mut self, fresh: Settings) -> Result<Vec<&'static str>, String> {
+    pub fn reload(
+        &mut self,
+        fresh: Settings,
+        path: &std::path::Path,
+    ) -> Result<Vec<&'static str>, String> {
         let old = &self.settings;
-        let mut applied = fresh;
-        let mut pending = keep_restart_only(&mut applied.raw, &old.raw);
-        // A listener's TLS is set at start; its certificate can be replaced. Both are read
-        // before either is put in use.
+        // Merge first, then check: every derived setting and cross-key check (this server
+        // among its peers, say) must see the running name, listeners and realm.
+        let mut raw = fresh.raw;
+        let mut pending = keep_restart_only(&mut raw, &old.raw);
+        // A listener's TLS is set at start; its certificate can be replaced.
+        if self.sip_cert.is_some() != raw.tls_certificate.is_some()
+            || raw.tls_certificate.is_some() != raw.tls_private_key.is_some()
+        {
+            raw.tls_certificate = old.raw.tls_certificate.clone();
+            raw.tls_private_key = old.raw.tls_private_key.clone();
+            pending.push("tls_certificate");
+        }
+        let api_cert = self.api_reload.as_ref().and_then(|a| a.cert.as_ref());
+        if api_cert.is_some() != raw.api_tls_certificate.is_some() {
+            raw.api_tls_certificate = old.raw.api_tls_certificate.clone();
+            raw.api_tls_private_key = old.raw.api_tls_private_key.clone();
+            pending.push("api_tls_certificate");
+        }
+        let applied = raw.check(path).map_err(|e| e.to_string())?;
+        // Both certificates are read before either is put in use.
         let mut certs = Vec::new();
-        match (
+        if let (Some(cert), Some(c), Some(k)) = (
             &self.sip_cert,
             &applied.raw.tls_certificate,
             &applied.raw.tls_private_key,
         ) {
-            (Some(cert), Some(c), Some(k)) => certs.push((cert, cert.read(c, k)?)),
-            (None, None, None) => {}
-            _ => {
-                applied.raw.tls_certificate = old.raw.tls_certificate.clone();
-                applied.raw.tls_private_key = old.raw.tls_private_key.clone();
-                pending.push("tls_certificate");
-            }
+            certs.push((cert, cert.read(c, k)?));
         }
-        if let Some(api) = &self.api_reload {
-            match (&api.cert, applied.api.as_ref().and_then(|a| a.tls.as_ref())) {
-                (Some(cert), Some((c, k))) => {
-                    certs.push((cert, cert.read(c, k).map_err(|e| format!("api_{e}"))?));
-                }
-                (None, None) => {}
-                _ => {
-                    applied.raw.api_tls_certificate = old.raw.api_tls_certificate.clone();
-                    applied.raw.api_tls_private_key = old.raw.api_tls_private_key.clone();
-                    pending.push("api_tls_certificate");
-                }
-            }
+        if let (Some(cert), Some((c, k))) =
+            (api_cert, applied.api.as_ref().and_then(|a| a.tls.as_ref()))
+        {
+            certs.push((cert, cert.read(c, k).map_err(|e| format!("api_{e}"))?));
         }
+        self.reloads
+            .send(applied.clone())
+            .map_err(|_| "the SIP service has stopped".to_string())?;
         for (cert, fresh) in certs {
             cert.replace(fresh);
         }
@@ -138,15 +147,6 @@ impl RunningCarrier {
                 .set(applied.raw.failover_number_prefixes.clone());
             api.trunk_servers.set(trunk_servers(&applied));
         }
-        applied.registrar.realm = old.registrar.realm.clone();
-        applied.proxy.name = old.proxy.name.clone();
-        applied.listen = old.listen.clone();
-        applied.transport = old.transport.clone();
-        applied.api = old.api.clone();
-        applied.metrics = old.metrics;
-        self.reloads
-            .send(applied.clone())
-            .map_err(|_| "the SIP service has stopped".to_string())?;
         self.settings = applied;
         Ok(pending)
     }
@@ -211,7 +211,6 @@ pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
             path: dir.join(DIALOG_KEY_FILE),
             source,
         })?;
-    crate::metrics::install();
     let store = Store::connect(&settings.store_location()).await?;
     info!(store = %store.location(), "configuration store open");
     let store_for_api = store.clone();
