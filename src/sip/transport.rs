@@ -276,7 +276,8 @@ pub struct SipTransport {
 struct Inner {
     /// The receive and accept loops, ended by [`SipTransport::shutdown`].
     loops: Mutex<Vec<tokio::task::JoinHandle<()>>>,
-    udp: Vec<Arc<UdpSocket>>,
+    /// Each UDP socket with its bound address (asking the socket costs a system call a send).
+    udp: Vec<(SocketAddr, Arc<UdpSocket>)>,
     bound: Vec<ListenSpec>,
     conns: Mutex<Conns>,
     next_conn: AtomicU64,
@@ -323,7 +324,7 @@ impl SipTransport {
                         transport: Transport::Udp,
                         addr,
                     });
-                    udp.push(Arc::new(sock));
+                    udp.push((addr, Arc::new(sock)));
                 }
                 Transport::Tcp | Transport::Tls => {
                     if spec.transport == Transport::Tls && tls.is_none() {
@@ -356,7 +357,7 @@ impl SipTransport {
             options,
         });
         let transport = SipTransport { inner };
-        for sock in &transport.inner.udp {
+        for (_, sock) in &transport.inner.udp {
             let task = tokio::spawn(udp_loop(transport.clone(), sock.clone()));
             transport.lock_loops().push(task);
         }
@@ -521,13 +522,13 @@ impl SipTransport {
         let socks = &self.inner.udp;
         socks
             .iter()
-            .find(|s| s.local_addr().is_ok_and(|a| a == flow.local))
+            .find(|(a, _)| *a == flow.local)
             .or_else(|| {
-                socks.iter().find(|s| {
-                    s.local_addr()
-                        .is_ok_and(|a| a.is_ipv4() == flow.remote.is_ipv4())
-                })
+                socks
+                    .iter()
+                    .find(|(a, _)| a.is_ipv4() == flow.remote.is_ipv4())
             })
+            .map(|(_, s)| s)
             .ok_or(SendError::NoSocket(Transport::Udp))
     }
 
