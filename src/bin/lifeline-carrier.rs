@@ -2,8 +2,18 @@
 
 use clap::Parser;
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let cli = lifeline::carrier::cli::Cli::parse();
-    std::process::exit(lifeline::carrier::cli::run(cli).await);
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // A configuration that does not load is reported by `run`, on the default runtime.
+    if let Ok(settings) = lifeline::carrier::cli::settings(&cli)
+        && settings.raw.worker_threads > 0
+    {
+        runtime.worker_threads(settings.raw.worker_threads);
+    }
+    let runtime = runtime
+        .enable_all()
+        .build()
+        .expect("the async runtime starts");
+    std::process::exit(runtime.block_on(lifeline::carrier::cli::run(cli)));
 }

@@ -82,6 +82,9 @@ pub struct CarrierConfig {
     pub timer_d_ms: u64,
     /// A TCP or TLS connection idle this long is closed.
     pub stream_idle_timeout_ms: u64,
+    /// Threads that run the server (SIP receive loops, the SIP service, the API); 0: one per
+    /// CPU core.
+    pub worker_threads: usize,
     /// Registration expiry granted when a REGISTER names none, in seconds.
     pub default_expires_s: u32,
     /// Shorter registrations get 423 Interval Too Brief with this Min-Expires.
@@ -181,6 +184,7 @@ impl Default for CarrierConfig {
             t4_ms: 5000,
             timer_d_ms: 32_000,
             stream_idle_timeout_ms: 900_000,
+            worker_threads: 0,
             default_expires_s: 3600,
             min_expires_s: 60,
             max_expires_s: 7200,
@@ -508,6 +512,12 @@ impl CarrierConfig {
         };
         let metrics = crate::metrics::parse_listen(&self.metrics_listen)
             .map_err(|e| invalid("metrics_listen", e))?;
+        if self.worker_threads > 1024 {
+            return Err(invalid(
+                "worker_threads",
+                "at most 1024 (0: one per CPU core)".into(),
+            ));
+        }
         if !self.store_url.is_empty()
             && !["postgres://", "postgresql://"]
                 .iter()
@@ -679,6 +689,8 @@ mod tests {
             ("dns_servers = [\"ns1\"]\n", "dns_servers"),
             ("name = \"trunk 1\"\n", "name"),
             ("api_listen = \"192.0.2.1:8080\"\n", "api_listen"),
+            ("worker_threads = 5000\n", "worker_threads"),
+            ("metrics_listen = \"localhost\"\n", "metrics_listen"),
             ("api_listen = \"localhost\"\n", "api_listen"),
             ("api_tls_certificate = \"/x.pem\"\n", "api_tls_certificate"),
             (

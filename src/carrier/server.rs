@@ -1113,6 +1113,7 @@ fn keep_restart_only(applied: &mut CarrierConfig, old: &CarrierConfig) -> Vec<&'
         metrics_listen,
         config_poll_ms,
         bindings_flush_ms,
+        worker_threads,
         nonce_lifetime_s,
         call_record_days,
         stream_idle_timeout_ms
