@@ -200,14 +200,7 @@ fn the_agent_keeps_the_pbx_registered_on_both_servers_and_withdraws_it_when_the_
         );
     }
     // A call to the DID now goes to its failover number at once: no delivery timer spent.
-    let gateway = spawn_sipp(
-        &ip(net, 13),
-        5060,
-        None,
-        Scenario::Xml(answering_pbx_xml()),
-        &[],
-    );
-    thread::sleep(Duration::from_millis(300));
+    let gateway = answering_uas(&ip(net, 13), 5060);
     let started = Instant::now();
     call(&t2, &ip(net, 14), DID, 200);
     let trace = ok(gateway.wait(), "gateway", &t2);

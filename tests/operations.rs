@@ -204,14 +204,7 @@ fn both_programs_metrics_move_with_registrations_calls_and_failovers() {
         },
         || agent.log(),
     );
-    let gateway = spawn_sipp(
-        &ip(net, 13),
-        5060,
-        None,
-        Scenario::Xml(answering_pbx_xml()),
-        &[],
-    );
-    thread::sleep(Duration::from_millis(300));
+    let gateway = answering_uas(&ip(net, 13), 5060);
     call(&t1, &ip(net, 14), DID, 200);
     ok(gateway.wait(), "gateway", &t1);
     let text = scrape(carrier_metrics);
@@ -361,14 +354,7 @@ fn sighup_reloads_the_carrier_without_dropping_the_call_in_progress() {
     call(&t1, &newcomer, DID, 403);
 
     // A call in progress: answered, its BYE comes 3 s later.
-    let pbx = spawn_sipp(
-        &pbx_ip,
-        PBX_PORT,
-        None,
-        Scenario::Xml(answering_pbx_xml()),
-        &[],
-    );
-    thread::sleep(Duration::from_millis(300));
+    let pbx = answering_uas(&pbx_ip, PBX_PORT);
     let long_call = spawn_sipp(
         &caller,
         0,
@@ -408,14 +394,7 @@ fn sighup_reloads_the_carrier_without_dropping_the_call_in_progress() {
     ok(long_call.wait(), "the call in progress", &t1);
     ok(pbx.wait(), "the PBX of the call in progress", &t1);
     // The new upstream address is accepted.
-    let pbx = spawn_sipp(
-        &pbx_ip,
-        PBX_PORT,
-        None,
-        Scenario::Xml(answering_pbx_xml()),
-        &[],
-    );
-    thread::sleep(Duration::from_millis(300));
+    let pbx = answering_uas(&pbx_ip, PBX_PORT);
     call(&t1, &newcomer, DID, 200);
     ok(pbx.wait(), "the PBX", &t1);
     // The listener that needs a restart was not opened.
@@ -432,14 +411,7 @@ fn sighup_reloads_the_carrier_without_dropping_the_call_in_progress() {
     wait_for_count(&t1, "configuration refused; the settings in force stay", 2);
     assert!(t1.alive(), "{}", t1.log());
     assert_eq!(presented_certificate(t1.addr("tls")), der_b);
-    let pbx = spawn_sipp(
-        &pbx_ip,
-        PBX_PORT,
-        None,
-        Scenario::Xml(answering_pbx_xml()),
-        &[],
-    );
-    thread::sleep(Duration::from_millis(300));
+    let pbx = answering_uas(&pbx_ip, PBX_PORT);
     call(&t1, &newcomer, DID, 200);
     ok(pbx.wait(), "the PBX", &t1);
     // The binding made before the reloads is the one that took every call.
@@ -679,8 +651,7 @@ fn a_reload_during_delivery_leaves_the_calls_later_stages_alone() {
     // The PBX is there but silent: the call waits out the delivery timer.
     let pbx = MiniPbx::start(&format!("{pbx_ip}:{PBX_PORT}"));
     pbx.fall_silent();
-    let gateway = spawn_sipp(&gw, 5060, None, Scenario::Xml(answering_pbx_xml()), &[]);
-    thread::sleep(Duration::from_millis(300));
+    let gateway = answering_uas(&gw, 5060);
     let the_call = spawn_sipp(
         &caller,
         0,

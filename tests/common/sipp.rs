@@ -354,6 +354,13 @@ pub fn ok(run: Result<String, String>, what: &str, carrier: &Carrier) -> String 
     run.unwrap_or_else(|e| panic!("{what}: {e}\n==== carrier log ====\n{}", carrier.log()))
 }
 
+/// SIPp answering one call at `ip:port` (a PBX, the gateway), given time to bind.
+pub fn answering_uas(ip: &str, port: u16) -> Sipp {
+    let uas = spawn_sipp(ip, port, None, Scenario::Xml(answering_pbx_xml()), &[]);
+    thread::sleep(Duration::from_millis(300));
+    uas
+}
+
 /// Registers the PBX at `pbx_ip` with contact `sip:user@pbx_ip:PBX_PORT`.
 pub fn register_pbx(carrier: &Carrier, pbx_ip: &str, user: &str) {
     register_contact(carrier, pbx_ip, user, "");
