@@ -525,10 +525,15 @@ impl Service {
                     Some(first) => {
                         self.on_incoming(first);
                         // What else has arrived is handled before the next wait: under load
-                        // the loop's timers and sends are then set up once per batch.
+                        // the loop's timers are then set up once per batch. Each message's
+                        // sends go out before the next is handled, so that an ACK relayed
+                        // statelessly still leaves before the BYE that followed it.
                         for _ in 1..RECEIVE_BATCH {
                             match incoming.try_recv() {
-                                Ok(next) => self.on_incoming(next),
+                                Ok(next) => {
+                                    self.flush();
+                                    self.on_incoming(next);
+                                }
                                 Err(_) => break,
                             }
                         }
