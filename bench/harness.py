@@ -419,13 +419,15 @@ def calls_step(work, carrier, rate, seconds):
         limit = seconds * 3 + 10
         uas = spawn(sipp_cmd("-sf", os.path.join(BENCH, "calls-uas.xml"), "-i", f"{net}.3",
                              "-p", "5080", "-m", str(total), "-timeout", f"{limit + 10}s",
-                             "-trace_stat", "-stf", uas_stats, "-fd", "1"), cwd=work)
+                             "-trace_stat", "-stf", uas_stats, "-fd", "1", "-trace_err",
+                             "-error_file", f"uas-{tag}.errors"), cwd=work)
         time.sleep(0.3)
         uac = spawn(sipp_cmd(f"{carrier.addr[0]}:{carrier.addr[1]}", "-sf",
                              os.path.join(BENCH, "calls-uac.xml"), "-i", f"{net}.2", "-p", "5070",
                              "-r", str(rate), "-m", str(total), "-l", str(max(rate * 2, 100)),
                              "-timeout", f"{limit}s", "-trace_stat", "-stf", uac_stats,
-                             "-fd", "1"), cwd=work)
+                             "-fd", "1", "-trace_err", "-error_file", f"uac-{tag}.errors"),
+                    cwd=work)
         meter = CpuMeter(carrier=carrier.proc, uac=uac, uas=uas,
                          sockets={"carrier": carrier.addr, "uac": (f"{net}.2", 5070),
                                   "uas": (f"{net}.3", 5080)})
