@@ -431,16 +431,7 @@ def calls_step(work, carrier, rate, seconds):
         meter = CpuMeter(carrier=carrier.proc, uac=uac, uas=uas,
                          sockets={"carrier": carrier.addr, "uac": (f"{net}.2", 5070),
                                   "uas": (f"{net}.3", 5080)})
-        last = None
-        deadline = time.monotonic() + limit + 15
-        while uac.poll() is None and time.monotonic() < deadline:
-            meter.sample()
-            last = meter.last
-            time.sleep(0.2)
-        if uac.poll() is None:
-            stop(uac, signal.SIGKILL)
-        used = meter.done(last)
-        used["rss_kib"] = status_kib(carrier.proc.pid, "VmRSS")
+        used = meter_until_done(meter, uac, carrier, limit + 15)
         # The PBX side has answered everything it will; give it a moment to write its stats.
         time.sleep(1.2)
         stop(uas, signal.SIGTERM, grace=5)
@@ -451,6 +442,22 @@ def calls_step(work, carrier, rate, seconds):
         stop(uas)
         carrier.stop()
     return step_result(rate, seconds, total, used, a, b)
+
+
+def meter_until_done(meter, uac, carrier, limit):
+    """Samples `meter` until the client SIPp ends (killed after `limit` s); returns what the
+    processes used, with the carrier's resident size at the end."""
+    last = None
+    deadline = time.monotonic() + limit
+    while uac.poll() is None and time.monotonic() < deadline:
+        meter.sample()
+        last = meter.last
+        time.sleep(0.2)
+    if uac.poll() is None:
+        stop(uac, signal.SIGKILL)
+    used = meter.done(last)
+    used["rss_kib"] = status_kib(carrier.proc.pid, "VmRSS")
+    return used
 
 
 # === Case 3: registrations ===
@@ -484,16 +491,7 @@ def register_step(work, carrier, rate, seconds):
                              "-trace_stat", "-stf", stats, "-fd", "1"), cwd=work)
         meter = CpuMeter(carrier=carrier.proc, sipp=uac,
                          sockets={"carrier": carrier.addr, "sipp": (f"{net}.2", 5070)})
-        last = None
-        deadline = time.monotonic() + limit + 15
-        while uac.poll() is None and time.monotonic() < deadline:
-            meter.sample()
-            last = meter.last
-            time.sleep(0.2)
-        if uac.poll() is None:
-            stop(uac, signal.SIGKILL)
-        used = meter.done(last)
-        used["rss_kib"] = status_kib(carrier.proc.pid, "VmRSS")
+        used = meter_until_done(meter, uac, carrier, limit + 15)
         a = read_stats(stats)
     finally:
         stop(uac)

@@ -74,11 +74,21 @@ fn stdout<S: AsRef<OsStr>>(tool: &str, debian_package: &str, args: &[S]) -> Stri
 }
 
 /// Runs a binary unpacked from a package.
+/// Runs a packaged program; it must succeed.
 fn run_packaged<S: AsRef<OsStr>>(binary: &Path, args: &[S]) -> Output {
-    Command::new(binary)
+    let out = Command::new(binary)
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("{}: {e}", binary.display()))
+        .unwrap_or_else(|e| panic!("{}: {e}", binary.display()));
+    assert!(
+        out.status.success(),
+        "{} {:?}: {}\n{}",
+        binary.display(),
+        args.iter().map(|a| a.as_ref()).collect::<Vec<_>>(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 fn dpkg_deb<S: AsRef<OsStr>>(args: &[S]) -> String {
@@ -354,12 +364,6 @@ fn other(program: &str) -> &'static str {
 /// `--version` of a packaged binary: `lifeline-<program> <version> (commit <12 hex>)`.
 fn assert_version(binary: &Path, program: &str) {
     let out = run_packaged(binary, &["--version"]);
-    assert!(
-        out.status.success(),
-        "{} --version: {}",
-        binary.display(),
-        out.status
-    );
     let text = String::from_utf8(out.stdout).unwrap();
     let commit = text
         .trim()
@@ -379,14 +383,7 @@ fn the_packaged_agent_runs_and_accepts_its_packaged_configuration() {
     let agent = tree.path().join("usr/bin/lifeline-agent");
     assert_version(&agent, "agent");
     let conf = tree.path().join("etc/lifeline/agent.toml");
-    let out = run_packaged(&agent, &[OsStr::new("check-config"), conf.as_os_str()]);
-    assert!(
-        out.status.success(),
-        "lifeline-agent check-config {}: {}\n{}",
-        conf.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_packaged(&agent, &[OsStr::new("check-config"), conf.as_os_str()]);
 }
 
 #[test]
@@ -398,7 +395,7 @@ fn the_packaged_carrier_runs_and_accepts_its_packaged_configuration() {
     // when it is refused), then lists the accounts of an empty store in a scratch folder.
     let conf = tree.path().join("etc/lifeline/carrier.toml");
     let data = tempfile::tempdir().unwrap();
-    let out = run_packaged(
+    run_packaged(
         &carrier,
         &[
             OsStr::new("--config"),
@@ -409,13 +406,6 @@ fn the_packaged_carrier_runs_and_accepts_its_packaged_configuration() {
             OsStr::new("account"),
             OsStr::new("list"),
         ],
-    );
-    assert!(
-        out.status.success(),
-        "lifeline-carrier --config {} admin account list: {}\n{}",
-        conf.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
     );
 }
 

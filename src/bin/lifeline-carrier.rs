@@ -4,9 +4,10 @@ use clap::Parser;
 
 fn main() {
     let cli = lifeline::carrier::cli::Cli::parse();
+    let loaded = lifeline::carrier::cli::settings(&cli);
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     // A configuration that does not load is reported by `run`, on the default runtime.
-    if let Ok(settings) = lifeline::carrier::cli::settings(&cli)
+    if let Ok(settings) = &loaded
         && settings.raw.worker_threads > 0
     {
         runtime.worker_threads(settings.raw.worker_threads);
@@ -15,5 +16,5 @@ fn main() {
         .enable_all()
         .build()
         .expect("the async runtime starts");
-    std::process::exit(runtime.block_on(lifeline::carrier::cli::run(cli)));
+    std::process::exit(runtime.block_on(lifeline::carrier::cli::run(cli, loaded)));
 }

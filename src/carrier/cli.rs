@@ -76,9 +76,10 @@ pub fn settings(cli: &Cli) -> Result<Settings, super::config::ConfigError> {
 }
 
 /// Runs the server until SIGINT or SIGTERM; SIGHUP reloads the configuration file (see
-/// [`server::RunningCarrier::reload`]). Returns the process exit code.
-pub async fn run(mut cli: Cli) -> i32 {
-    let settings = match settings(&cli) {
+/// [`server::RunningCarrier::reload`]). `loaded` is [`settings`]`(&cli)`, read once by the
+/// binary (it sizes the runtime). Returns the process exit code.
+pub async fn run(mut cli: Cli, loaded: Result<Settings, super::config::ConfigError>) -> i32 {
+    let settings = match loaded {
         Ok(s) => s,
         Err(e) => {
             init_logging("info");

@@ -280,7 +280,9 @@ pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
         prober: Prober::new(settings.probe),
         presence,
         call_log,
-        metrics: CarrierMetrics::new(&settings.raw.name),
+        metrics: metrics
+            .is_some()
+            .then(|| CarrierMetrics::new(&settings.raw.name)),
         store_health,
         resolver: dns_resolver(&settings.proxy.dns_servers),
         resolved: mpsc::unbounded_channel(),
@@ -473,7 +475,8 @@ struct Service {
     presence: mpsc::UnboundedSender<Vec<(TrunkGroupId, usize)>>,
     /// Where the record of every call goes.
     call_log: CallLog,
-    metrics: CarrierMetrics,
+    /// `None` when metrics are not served: nothing is counted, nothing built for it.
+    metrics: Option<CarrierMetrics>,
     store_health: Arc<StoreHealth>,
     /// RFC 3263 lookups of failover PBXs given by name; `None` when no DNS is configured.
     resolver: Option<SipResolver>,
@@ -546,11 +549,13 @@ impl Service {
                 }
                 _ = expiry.tick() => {
                     self.registrar.expire(unix_ms(SystemTime::now()));
-                    self.metrics.set_state(
-                        self.registrar.len(),
-                        self.registrar.trunk_groups(),
-                        self.store_health.unreachable_since_ms().is_none(),
-                    );
+                    if let Some(m) = &self.metrics {
+                        m.set_state(
+                            self.registrar.len(),
+                            self.registrar.trunk_groups(),
+                            self.store_health.unreachable_since_ms().is_none(),
+                        );
+                    }
                     // New bindings enter the probe schedule.
                     self.probe(Instant::now());
                 }
@@ -637,7 +642,9 @@ impl Service {
                 self.resolve(request);
             }
             while let Some(record) = self.proxy.poll_record() {
-                self.metrics.call_ended(&record);
+                if let Some(m) = &self.metrics {
+                    m.call_ended(&record);
+                }
                 self.call_log.record(record);
             }
             if self.registrar.presence_changed() {
@@ -904,8 +911,8 @@ impl Service {
                     &new_tag(),
                 );
                 r.push_header(Header::new(HeaderName::Server, SERVER));
-                if let Some(status) = r.status() {
-                    self.metrics.register_answered(status);
+                if let (Some(m), Some(status)) = (&mut self.metrics, r.status()) {
+                    m.register_answered(status);
                 }
                 r
             }

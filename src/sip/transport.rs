@@ -261,11 +261,6 @@ fn certified_key(
         .map_err(|e| format!("tls_private_key {}: {e}", key.display()))
 }
 
-/// Loads a TLS server configuration from PEM files (certificate chain and private key).
-pub fn tls_server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
-    ReloadableCert::load(cert, key)?.server_config()
-}
-
 /// The SIP transport layer: UDP sockets, TCP and TLS listeners, and open connections.
 /// Cloning is cheap; all clones share the sockets.
 #[derive(Clone)]
