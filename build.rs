@@ -16,8 +16,12 @@ fn main() {
     let commit = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=LIFELINE_COMMIT={commit}");
     if let Some(dir) = git(&["rev-parse", "--git-dir"]) {
+        // A path that does not exist would make cargo rebuild every time.
         for file in ["HEAD", "refs", "packed-refs"] {
-            println!("cargo:rerun-if-changed={dir}/{file}");
+            let path = format!("{dir}/{file}");
+            if std::path::Path::new(&path).exists() {
+                println!("cargo:rerun-if-changed={path}");
+            }
         }
     }
 }

@@ -208,6 +208,9 @@ class Carrier:
                  'api_listen = ""', f'log_level = "{log_level}"']
         for k, v in config.items():
             lines.append(f"{k} = {toml_value(v)}")
+        # Extra [carrier] lines for experiments, e.g. LIFELINE_BENCH_CARRIER='worker_threads = 1'.
+        extra = os.environ.get("LIFELINE_BENCH_CARRIER", "")
+        lines += [line.strip() for line in extra.split(";") if line.strip()]
         with open(self.config_path, "w") as f:
             f.write("\n".join(lines) + "\n")
 
