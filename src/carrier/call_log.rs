@@ -10,15 +10,18 @@
 //! Writing ([`CallLog`]):
 //! - [`CallLog::record`] queues a record without blocking or awaiting (the SIP service loop
 //!   calls it); a background writer task writes what is queued in one transaction (at most
-//!   [`BATCH`] calls per transaction), in the order recorded;
+//!   [`BATCH`] calls per transaction, in a few multi-row statements), in the order recorded.
+//!   After the first record of a batch the writer lingers ([`LINGER`]) so that records come in
+//!   batches, not one by one: it does not look at the queue meanwhile, so recording does not
+//!   wake it; the [`BATCH`]-th record queued, a flush or a close end the linger at once;
 //! - a failed write is logged as a warning (at most one per 10 s while writes keep failing) and
 //!   retried a second later, or at once when someone calls [`CallLog::flush`]; the records are
 //!   kept meanwhile, up to [`MAX_QUEUED`]: beyond that the oldest are dropped, with a warning;
 //! - [`CallLog::flush`] returns once every record queued before it is committed, and
 //!   [`CallLog::close`] flushes and closes the file. When the last clone is dropped, the writer
-//!   writes what is queued (a few attempts if writes fail) and stops. The writer runs on the
-//!   Tokio runtime: records still queued when the runtime shuts down are lost, so a server
-//!   flushes or closes the log on the way out;
+//!   notices it at the end of the linger, writes what is queued (a few attempts if writes fail)
+//!   and stops. The writer runs on the Tokio runtime: records still queued when the runtime
+//!   shuts down are lost, so a server flushes or closes the log on the way out;
 //! - retention: [`CallLog::open`] deletes the calls that started more than `keep` ago, and the
 //!   writer does it again at most once an hour.
 //!
@@ -56,12 +59,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sqlx::sqlite::{SqlitePool, SqlitePoolOptions};
 use tokio::sync::mpsc::error::TryRecvError;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use super::call_record::{AttemptRecord, CallRecord};
@@ -75,6 +79,10 @@ pub const DEFAULT_KEEP: Duration = Duration::from_secs(30 * 86_400);
 
 /// At most this many calls per transaction.
 pub const BATCH: usize = 500;
+
+/// After the first record of a batch, the writer waits this long for more before writing,
+/// unless [`BATCH`] records are queued first, or a flush or close comes.
+pub const LINGER: Duration = Duration::from_millis(200);
 
 /// At most this many records wait in memory while writes fail; beyond that the oldest are
 /// dropped.
@@ -169,6 +177,10 @@ struct Shared {
     path: PathBuf,
     /// One connection: the writer's transactions and the reads take turns.
     pool: SqlitePool,
+    /// Records recorded and not yet written or dropped (counted before they are sent).
+    unwritten: AtomicUsize,
+    /// Wakes a lingering writer: a flush, a close, or the [`BATCH`]-th unwritten record.
+    wake: Notify,
 }
 
 /// The call log of a running server: the file and its background writer. Cheap to clone:
@@ -186,13 +198,14 @@ impl CallLog {
     /// clock). Starts the writer task on the current Tokio runtime; it deletes the old calls
     /// again at most once an hour.
     pub async fn open(data_dir: &Path, keep: Duration) -> Result<CallLog, CallLogError> {
-        CallLog::open_with(data_dir, keep, PRUNE_INTERVAL).await
+        CallLog::open_with(data_dir, keep, PRUNE_INTERVAL, LINGER).await
     }
 
     async fn open_with(
         data_dir: &Path,
         keep: Duration,
         prune_every: Duration,
+        linger: Duration,
     ) -> Result<CallLog, CallLogError> {
         std::fs::create_dir_all(data_dir).map_err(|source| CallLogError::CreateDir {
             path: data_dir.to_owned(),
@@ -226,13 +239,20 @@ impl CallLog {
             })?;
         info!(path = %path.display(), pruned, keep_s = keep.as_secs(), "call log opened");
 
-        let shared = Arc::new(Shared { path, pool });
+        let shared = Arc::new(Shared {
+            path,
+            pool,
+            unwritten: AtomicUsize::new(0),
+            wake: Notify::new(),
+        });
         let (messages, receiver) = mpsc::unbounded_channel();
         let writer = Writer {
             shared: Arc::clone(&shared),
             keep,
             prune_every,
             next_prune: tokio::time::Instant::now() + prune_every,
+            linger,
+            batch_due: tokio::time::Instant::now(),
             queue: VecDeque::new(),
             taken: 0,
             done: 0,
@@ -253,14 +273,21 @@ impl CallLog {
     /// Queues `call` for the writer. Never blocks and never awaits; callable from any thread.
     /// After [`CallLog::close`] the record is lost (with a warning).
     pub fn record(&self, call: CallRecord) {
-        if let Err(mpsc::error::SendError(Message::Record(call))) =
-            self.messages.send(Message::Record(Box::new(call)))
-        {
-            warn!(
-                path = %self.shared.path.display(),
-                call_id = call.call_id,
-                "the call log is closed; call record lost"
-            );
+        let unwritten = self.shared.unwritten.fetch_add(1, Ordering::Relaxed) + 1;
+        match self.messages.send(Message::Record(Box::new(call))) {
+            // Notified once per crossing: the count only ever rises by one.
+            Ok(()) if unwritten == BATCH => self.shared.wake.notify_one(),
+            Ok(()) => {}
+            Err(mpsc::error::SendError(message)) => {
+                self.shared.unwritten.fetch_sub(1, Ordering::Relaxed);
+                if let Message::Record(call) = message {
+                    warn!(
+                        path = %self.shared.path.display(),
+                        call_id = call.call_id,
+                        "the call log is closed; call record lost"
+                    );
+                }
+            }
         }
     }
 
@@ -271,6 +298,7 @@ impl CallLog {
         self.messages
             .send(Message::Flush(reply))
             .map_err(|_| CallLogError::Closed)?;
+        self.shared.wake.notify_one();
         answer.await.map_err(|_| CallLogError::Closed)?
     }
 
@@ -283,6 +311,7 @@ impl CallLog {
         self.messages
             .send(Message::Close(reply))
             .map_err(|_| CallLogError::Closed)?;
+        self.shared.wake.notify_one();
         answer.await.map_err(|_| CallLogError::Closed)?
     }
 
@@ -448,75 +477,140 @@ async fn prune(pool: &SqlitePool, keep: Duration) -> Result<u64, sqlx::Error> {
     Ok(pruned)
 }
 
-const INSERT_CALL: &str = concat!(
-    "INSERT INTO calls (call_id, did, trunk_group, server, source, from_peer, started_at_ms, ",
-    "duration_ms, status, outcome, answered_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+/// SQLite's limit on the parameters of one statement (`SQLITE_MAX_VARIABLE_NUMBER` of the
+/// bundled SQLite 3.46, libsqlite3-sys 0.30).
+const MAX_PARAMETERS: usize = 32_766;
+
+const CALL_COLUMNS: usize = 12;
+const INSERT_CALLS_HEAD: &str = concat!(
+    "INSERT INTO calls (id, call_id, did, trunk_group, server, source, from_peer, ",
+    "started_at_ms, duration_ms, status, outcome, answered_by) VALUES "
 );
+/// Rows of the largest `INSERT INTO calls` (a batch takes a few: see [`chunk_lens`]).
+const CALL_CHUNK: usize = 256;
 
-/// Attempts per statement: a statement costs a round trip to SQLite's worker thread.
-const ATTEMPT_CHUNK: usize = 8;
+const ATTEMPT_COLUMNS: usize = 7;
+const INSERT_ATTEMPTS_HEAD: &str = concat!(
+    "INSERT INTO call_attempts ",
+    "(call, position, stage, target, offset_ms, duration_ms, outcome) VALUES "
+);
+/// Rows of the largest `INSERT INTO call_attempts`.
+const ATTEMPT_CHUNK: usize = 1024;
 
-/// `INSERT INTO call_attempts ...` for 1 to [`ATTEMPT_CHUNK`] rows (index `n - 1`).
-static INSERT_ATTEMPTS: LazyLock<Vec<String>> = LazyLock::new(|| {
-    (1..=ATTEMPT_CHUNK)
-        .map(|rows| {
-            let mut sql = String::from(
-                "INSERT INTO call_attempts \
-                 (call, position, stage, target, offset_ms, duration_ms, outcome) VALUES ",
-            );
-            for i in 0..rows {
-                if i > 0 {
-                    sql.push_str(", ");
-                }
-                sql.push_str("(?, ?, ?, ?, ?, ?, ?)");
-            }
-            sql
-        })
+const _: () = assert!(CALL_CHUNK.is_power_of_two() && ATTEMPT_CHUNK.is_power_of_two());
+const _: () = assert!(CALL_CHUNK * CALL_COLUMNS <= MAX_PARAMETERS);
+const _: () = assert!(ATTEMPT_CHUNK * ATTEMPT_COLUMNS <= MAX_PARAMETERS);
+
+/// `head` followed by `rows` rows of `columns` parameters.
+fn insert_sql(head: &str, columns: usize, rows: usize) -> String {
+    let row = format!("({})", vec!["?"; columns].join(", "));
+    format!("{head}{}", vec![row.as_str(); rows].join(", "))
+}
+
+/// The inserts of 1, 2, 4, ... `max` rows (index: log2 of the rows), so that SQLx's statement
+/// cache (by SQL text) holds every one of them.
+fn insert_sqls(head: &str, columns: usize, max: usize) -> Vec<String> {
+    (0..=max.ilog2())
+        .map(|k| insert_sql(head, columns, 1 << k))
         .collect()
-});
+}
+
+static INSERT_CALLS: LazyLock<Vec<String>> =
+    LazyLock::new(|| insert_sqls(INSERT_CALLS_HEAD, CALL_COLUMNS, CALL_CHUNK));
+static INSERT_ATTEMPTS: LazyLock<Vec<String>> =
+    LazyLock::new(|| insert_sqls(INSERT_ATTEMPTS_HEAD, ATTEMPT_COLUMNS, ATTEMPT_CHUNK));
+
+/// Splits `n` rows into statements of power-of-two sizes up to `max` (a power of two): as many
+/// of `max` as fit, then the binary digits of the rest, largest first: at most
+/// `n / max + log2(max)` statements.
+fn chunk_lens(n: usize, max: usize) -> impl Iterator<Item = usize> {
+    let rest = n % max;
+    std::iter::repeat_n(max, n / max).chain(
+        (0..max.ilog2())
+            .rev()
+            .map(|k| 1 << k)
+            .filter(move |size| rest & size != 0),
+    )
+}
+
+/// The statement for `rows` rows out of `sqls` (built by [`insert_sqls`]).
+fn sql_for(sqls: &[String], rows: usize) -> &str {
+    debug_assert!(rows.is_power_of_two());
+    &sqls[rows.ilog2() as usize]
+}
 
 /// A `u64` as SQLite stores it (values past `i64::MAX`, millennia, are clamped).
 fn to_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
-/// Writes calls in one transaction (rolled back if any statement fails).
-async fn write_calls<'a>(
-    pool: &SqlitePool,
-    calls: impl Iterator<Item = &'a Box<CallRecord>>,
-) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    for call in calls {
-        let id = sqlx::query(INSERT_CALL)
-            .bind(&call.call_id)
-            .bind(&call.did)
-            .bind(call.trunk_group)
-            .bind(&call.server)
-            .bind(&call.source)
-            .bind(call.from_peer.as_deref())
-            .bind(call.started_at_ms)
-            .bind(to_i64(call.duration_ms))
-            .bind(i64::from(call.status))
-            .bind(&call.outcome)
-            .bind(call.answered_by.as_deref())
-            .execute(&mut *tx)
-            .await?
-            .last_insert_rowid();
-        for (c, chunk) in call.attempts.chunks(ATTEMPT_CHUNK).enumerate() {
-            let mut query = sqlx::query(INSERT_ATTEMPTS[chunk.len() - 1].as_str());
-            for (i, a) in chunk.iter().enumerate() {
-                let position = i64::try_from(c * ATTEMPT_CHUNK + i).unwrap_or(i64::MAX);
-                query = query
-                    .bind(id)
-                    .bind(position)
-                    .bind(&a.stage)
-                    .bind(&a.target)
-                    .bind(to_i64(a.offset_ms))
-                    .bind(a.duration_ms.map(to_i64))
-                    .bind(&a.outcome);
-            }
-            query.execute(&mut *tx).await?;
+/// Writes calls in one transaction (rolled back if any statement fails), in a few multi-row
+/// statements. The ids of the new rows are assigned here, following the largest id, as SQLite
+/// would (`id` is a rowid without AUTOINCREMENT); this writer is the only one inserting.
+async fn write_calls(pool: &SqlitePool, calls: &[Box<CallRecord>]) -> Result<(), sqlx::Error> {
+    // IMMEDIATE: the write lock from the start, so the largest id read stays the largest.
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM calls")
+        .fetch_one(&mut *tx)
+        .await?;
+    let n = i64::try_from(calls.len()).unwrap_or(i64::MAX);
+    if last > i64::MAX - n {
+        return Err(sqlx::Error::Protocol("no call id left".to_owned()));
+    }
+    let first = last + 1;
+
+    let mut rest = calls;
+    let mut id = first;
+    for rows in chunk_lens(calls.len(), CALL_CHUNK) {
+        let (chunk, tail) = rest.split_at(rows);
+        rest = tail;
+        let mut query = sqlx::query(sql_for(&INSERT_CALLS, rows));
+        for call in chunk {
+            query = query
+                .bind(id)
+                .bind(&call.call_id)
+                .bind(&call.did)
+                .bind(call.trunk_group)
+                .bind(&call.server)
+                .bind(&call.source)
+                .bind(call.from_peer.as_deref())
+                .bind(call.started_at_ms)
+                .bind(to_i64(call.duration_ms))
+                .bind(i64::from(call.status))
+                .bind(&call.outcome)
+                .bind(call.answered_by.as_deref());
+            id += 1;
         }
+        query.execute(&mut *tx).await?;
+    }
+
+    // (call id, position, attempt) of every attempt of the batch, in order.
+    let attempts: Vec<(i64, i64, &AttemptRecord)> = calls
+        .iter()
+        .zip(first..)
+        .flat_map(|(call, id)| {
+            call.attempts
+                .iter()
+                .enumerate()
+                .map(move |(position, a)| (id, i64::try_from(position).unwrap_or(i64::MAX), a))
+        })
+        .collect();
+    let mut rest = attempts.as_slice();
+    for rows in chunk_lens(attempts.len(), ATTEMPT_CHUNK) {
+        let (chunk, tail) = rest.split_at(rows);
+        rest = tail;
+        let mut query = sqlx::query(sql_for(&INSERT_ATTEMPTS, rows));
+        for &(call, position, a) in chunk {
+            query = query
+                .bind(call)
+                .bind(position)
+                .bind(&a.stage)
+                .bind(&a.target)
+                .bind(to_i64(a.offset_ms))
+                .bind(a.duration_ms.map(to_i64))
+                .bind(&a.outcome);
+        }
+        query.execute(&mut *tx).await?;
     }
     tx.commit().await
 }
@@ -706,6 +800,10 @@ struct Writer {
     keep: Duration,
     prune_every: Duration,
     next_prune: tokio::time::Instant,
+    /// [`LINGER`], but for tests.
+    linger: Duration,
+    /// When the linger of the queued records ends: the first of them came `linger` before.
+    batch_due: tokio::time::Instant,
     /// Records received and not yet written, oldest first.
     queue: VecDeque<Box<CallRecord>>,
     /// Records received so far.
@@ -741,28 +839,33 @@ impl Writer {
                 self.prune().await;
                 continue;
             }
-            let write_now = !self.queue.is_empty()
-                && (self.retry_at.is_none_or(|at| at <= now) || !self.flushes.is_empty());
-            if write_now {
+            if self.write_now(now) {
                 // The outcome is logged, and answered to the flushes it concerns.
                 let _ = self.write_batch().await;
                 continue;
             }
-            let wake = match self.retry_at {
-                Some(at) if !self.queue.is_empty() => at.min(self.next_prune),
-                _ => self.next_prune,
-            };
-            // Both arms are cancel-safe; the work runs in the loop body, never cancelled.
-            tokio::select! {
-                message = messages.recv() => match message {
-                    Some(message) => {
-                        if let ControlFlow::Break(reply) = self.take(message) {
-                            break 'run Some(reply);
+            // Every arm is cancel-safe; the work runs in the loop body, never cancelled.
+            if self.queue.is_empty() {
+                // Idle: the first record starts a batch.
+                tokio::select! {
+                    message = messages.recv() => match message {
+                        Some(message) => {
+                            if let ControlFlow::Break(reply) = self.take(message) {
+                                break 'run Some(reply);
+                            }
                         }
-                    }
-                    None => break 'run None,
-                },
-                () = tokio::time::sleep_until(wake) => {}
+                        None => break 'run None,
+                    },
+                    () = tokio::time::sleep_until(self.next_prune) => {}
+                }
+            } else {
+                // Lingering, or waiting to retry: the channel is left alone, so records sent
+                // meanwhile do not wake this task. Records are taken at the next turn.
+                let wake = self.retry_at.unwrap_or(self.batch_due).min(self.next_prune);
+                tokio::select! {
+                    () = self.shared.wake.notified() => {}
+                    () = tokio::time::sleep_until(wake) => {}
+                }
             }
         };
         // Whatever comes after a close is not written: flushes waiting in the channel get
@@ -771,13 +874,31 @@ impl Writer {
         self.finish(close).await;
     }
 
+    /// Whether to write the queued records now: a flush waits for them, or else the retry
+    /// delay after a failure, or the linger, is over (or a full batch is queued).
+    fn write_now(&self, now: tokio::time::Instant) -> bool {
+        if self.queue.is_empty() {
+            false
+        } else if !self.flushes.is_empty() {
+            true
+        } else if let Some(at) = self.retry_at {
+            at <= now
+        } else {
+            self.batch_due <= now || self.queue.len() >= BATCH
+        }
+    }
+
     /// Takes a message in; `Break` with the reply on a close.
     fn take(&mut self, message: Message) -> ControlFlow<Reply> {
         match message {
             Message::Record(call) => {
+                if self.queue.is_empty() {
+                    self.batch_due = tokio::time::Instant::now() + self.linger;
+                }
                 if self.queue.len() >= MAX_QUEUED {
                     self.queue.pop_front();
                     self.done += 1;
+                    self.shared.unwritten.fetch_sub(1, Ordering::Relaxed);
                     // Every flush still waiting was waiting for the dropped record.
                     for (_, reply) in self.flushes.drain(..) {
                         let _ = reply.send(Err(CallLogError::Dropped {
@@ -826,10 +947,12 @@ impl Writer {
     /// and answers every waiting flush with the error.
     async fn write_batch(&mut self) -> Result<(), Arc<sqlx::Error>> {
         let count = self.queue.len().min(BATCH);
-        match write_calls(&self.shared.pool, self.queue.range(..count)).await {
+        let calls = &self.queue.make_contiguous()[..count];
+        match write_calls(&self.shared.pool, calls).await {
             Ok(()) => {
                 self.queue.drain(..count);
                 self.done += count as u64;
+                self.shared.unwritten.fetch_sub(count, Ordering::Relaxed);
                 self.retry_at = None;
                 if self.failures > 0 {
                     info!(
@@ -927,10 +1050,12 @@ mod tests {
     use super::*;
     use crate::carrier::store::BUSY_TIMEOUT;
     use sqlx::sqlite::SqliteConnectOptions;
-    use sqlx::{ConnectOptions, Connection, SqliteConnection};
+    use sqlx::{ConnectOptions, Connection, Executor, SqliteConnection};
 
     const DAY: Duration = Duration::from_secs(86_400);
     const DEADLINE: Duration = Duration::from_secs(10);
+    /// A linger no test waits for: only a flush, a close or a full batch ends it.
+    const HOUR: Duration = Duration::from_secs(3600);
 
     fn attempt(
         stage: &str,
@@ -991,6 +1116,232 @@ mod tests {
             .unwrap();
         conn.close().await.unwrap();
         n
+    }
+
+    /// Call `i` with `n` attempts, all told apart by their fields.
+    fn call_with_attempts(i: usize, n: usize, started_at_ms: i64) -> CallRecord {
+        let mut c = call(&format!("c{i}"), &format!("+4930{i:07}"), started_at_ms);
+        c.attempts = (0..n as u64)
+            .map(|j| {
+                let duration = (j % 2 == 0).then_some(j * 7);
+                attempt("next trunk server", &format!("sip:ts{i}-{j}"), j, duration)
+            })
+            .collect();
+        c
+    }
+
+    /// The ids of `calls`, in order.
+    async fn ids(path: &Path) -> Vec<i64> {
+        let mut conn = other_connection(path).await;
+        let ids = sqlx::query_scalar("SELECT id FROM calls ORDER BY id")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+        ids
+    }
+
+    #[test]
+    fn a_batch_takes_few_statements_of_cached_sizes() {
+        for max in [1, 8, CALL_CHUNK, ATTEMPT_CHUNK] {
+            for n in 0..3 * ATTEMPT_CHUNK {
+                let lens: Vec<usize> = chunk_lens(n, max).collect();
+                assert_eq!(lens.iter().sum::<usize>(), n, "{n} rows by {max}");
+                assert!(lens.iter().all(|l| l.is_power_of_two() && *l <= max));
+                assert!(lens.is_sorted_by(|a, b| a >= b), "{lens:?}");
+                assert!(lens.len() <= n / max + max.ilog2() as usize, "{lens:?}");
+            }
+        }
+        assert_eq!(chunk_lens(BATCH, CALL_CHUNK).count(), 6);
+    }
+
+    #[tokio::test]
+    async fn every_insert_statement_prepares() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = CallLog::open(dir.path(), DAY).await.unwrap();
+        for sql in INSERT_CALLS.iter().chain(INSERT_ATTEMPTS.iter()) {
+            (&log.shared.pool).prepare(sql.as_str()).await.unwrap();
+        }
+        assert_eq!(INSERT_CALLS.len(), CALL_CHUNK.ilog2() as usize + 1);
+        assert_eq!(INSERT_ATTEMPTS.len(), ATTEMPT_CHUNK.ilog2() as usize + 1);
+        log.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_full_batch_of_calls_and_attempts_reads_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = CallLog::open(dir.path(), DAY).await.unwrap();
+        let now = now_ms();
+        // All recorded before the writer runs (one thread): one batch. One call has more
+        // attempts than a statement holds; all start in the same millisecond, so the read
+        // order is the id order.
+        let attempts = |i: usize| match i {
+            7 => ATTEMPT_CHUNK * 2 + 3,
+            _ => [0, 1, 2, 3, 5][i % 5],
+        };
+        let calls: Vec<CallRecord> = (0..BATCH)
+            .map(|i| call_with_attempts(i, attempts(i), now))
+            .collect();
+        for c in &calls {
+            log.record(c.clone());
+        }
+        log.flush().await.unwrap();
+        let want: Vec<CallRecord> = calls.iter().rev().cloned().collect();
+        assert_eq!(log.recent(None, 10_000).await.unwrap(), want);
+        let ids = ids(log.path()).await;
+        assert_eq!(ids, (1..=BATCH as i64).collect::<Vec<_>>());
+        let total: usize = calls.iter().map(|c| c.attempts.len()).sum();
+        assert_eq!(count(log.path(), "call_attempts").await, total as i64);
+        log.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn batches_get_distinct_ids_after_the_largest() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = CallLog::open(dir.path(), DAY).await.unwrap();
+        let now = now_ms();
+        let mut calls: Vec<CallRecord> = (0..3)
+            .map(|i| call_with_attempts(i, i, now + i as i64))
+            .collect();
+        for c in &calls {
+            log.record(c.clone());
+        }
+        log.flush().await.unwrap();
+        // Two more batches.
+        for i in 3..BATCH + 5 {
+            let c = call_with_attempts(i, i % 4, now + i as i64);
+            log.record(c.clone());
+            calls.push(c);
+        }
+        log.flush().await.unwrap();
+        assert_eq!(
+            ids(log.path()).await,
+            (1..=calls.len() as i64).collect::<Vec<_>>()
+        );
+        let want: Vec<CallRecord> = calls.iter().rev().cloned().collect();
+        assert_eq!(log.recent(None, 10_000).await.unwrap(), want);
+
+        // The newest row deleted (as a prune may delete a late record of an old call): its id
+        // is given again, as SQLite would, and the attempts go with the new call.
+        let mut other = other_connection(log.path()).await;
+        let newest = calls.len() as i64;
+        sqlx::raw_sql(&format!(
+            "DELETE FROM call_attempts WHERE call = {newest}; DELETE FROM calls WHERE id = {newest}"
+        ))
+        .execute(&mut other)
+        .await
+        .unwrap();
+        other.close().await.unwrap();
+        calls.pop();
+        let again = call_with_attempts(9_999, 2, now + 100_000);
+        log.record(again.clone());
+        log.flush().await.unwrap();
+        calls.push(again);
+        assert_eq!(
+            ids(log.path()).await,
+            (1..=calls.len() as i64).collect::<Vec<_>>()
+        );
+        let want: Vec<CallRecord> = calls.iter().rev().cloned().collect();
+        assert_eq!(log.recent(None, 10_000).await.unwrap(), want);
+        log.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_flush_or_a_close_ends_the_linger() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = CallLog::open_with(dir.path(), DAY, PRUNE_INTERVAL, HOUR)
+            .await
+            .unwrap();
+        let path = log.path().to_owned();
+        let now = now_ms();
+        log.record(call("a", "+4930111111", now));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Lingering: a record sent meanwhile does not end it.
+        log.record(call("b", "+4930111111", now + 1));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(count(&path, "calls").await, 0);
+        tokio::time::timeout(DEADLINE, log.flush())
+            .await
+            .expect("the flush waited for the linger")
+            .unwrap();
+        // Readable by anyone once the flush returns.
+        assert_eq!(count(&path, "calls").await, 2);
+
+        log.record(call("c", "+4930111111", now + 2));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(count(&path, "calls").await, 2);
+        tokio::time::timeout(DEADLINE, log.close())
+            .await
+            .expect("the close waited for the linger")
+            .unwrap();
+        assert_eq!(count(&path, "calls").await, 3);
+    }
+
+    #[tokio::test]
+    async fn a_full_batch_ends_the_linger() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = CallLog::open_with(dir.path(), DAY, PRUNE_INTERVAL, HOUR)
+            .await
+            .unwrap();
+        let now = now_ms();
+        for i in 0..BATCH - 1 {
+            log.record(call(&format!("c{i}"), "+4930111111", now));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(count(log.path(), "calls").await, 0);
+        log.record(call("last", "+4930111111", now));
+        let start = Instant::now();
+        while count(log.path(), "calls").await != BATCH as i64 {
+            assert!(start.elapsed() < DEADLINE, "the full batch was not written");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        log.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_batch_failing_half_way_is_rolled_back_and_retried_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = CallLog::open(dir.path(), DAY).await.unwrap();
+        let now = now_ms();
+        let before = call_with_attempts(0, 0, now);
+        log.record(before.clone());
+        log.flush().await.unwrap();
+
+        // The calls insert succeeds, the attempts insert fails.
+        let mut other = other_connection(log.path()).await;
+        let schema: String =
+            sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE name = 'call_attempts'")
+                .fetch_one(&mut other)
+                .await
+                .unwrap();
+        sqlx::raw_sql("DROP TABLE call_attempts")
+            .execute(&mut other)
+            .await
+            .unwrap();
+        let calls: Vec<CallRecord> = (1..4)
+            .map(|i| call_with_attempts(i, [3, 0, 2][i - 1], now + i as i64))
+            .collect();
+        for c in &calls {
+            log.record(c.clone());
+        }
+        let err = log.flush().await.unwrap_err();
+        assert!(err.to_string().contains("no such table"), "{err}");
+        assert_eq!(ids(log.path()).await, [1]);
+
+        sqlx::raw_sql(&schema).execute(&mut other).await.unwrap();
+        other.close().await.unwrap();
+        // A flush tries again at once: each call once, with its own attempts.
+        log.flush().await.unwrap();
+        assert_eq!(ids(log.path()).await, [1, 2, 3, 4]);
+        let want: Vec<CallRecord> = calls
+            .iter()
+            .rev()
+            .chain(std::iter::once(&before))
+            .cloned()
+            .collect();
+        assert_eq!(log.recent(None, 10).await.unwrap(), want);
+        assert_eq!(count(log.path(), "call_attempts").await, 5);
+        log.close().await.unwrap();
     }
 
     #[tokio::test]
@@ -1174,7 +1525,7 @@ mod tests {
     #[tokio::test]
     async fn the_writer_prunes_periodically() {
         let dir = tempfile::tempdir().unwrap();
-        let log = CallLog::open_with(dir.path(), DAY, Duration::from_millis(20))
+        let log = CallLog::open_with(dir.path(), DAY, Duration::from_millis(20), LINGER)
             .await
             .unwrap();
         let now = now_ms();
