@@ -225,7 +225,10 @@ class Carrier:
         self.log = open(self.log_path, "ab")
         t0 = time.monotonic()
         self.started_wall = time.time()
-        self.proc = spawn([BIN, "--config", self.config_path, "--data-dir", self.data],
+        # A profiler in front for experiments, e.g. LIFELINE_BENCH_WRAP='heaptrack -o /tmp/h'
+        # (the CPU figures then count the wrapper's process, not the carrier).
+        wrap = os.environ.get("LIFELINE_BENCH_WRAP", "").split()
+        self.proc = spawn(wrap + [BIN, "--config", self.config_path, "--data-dir", self.data],
                           cwd=self.work, stderr=self.log)
         return wait_options(self.addr, f"{self.net}.250", self.proc, t0, ready_timeout)
 

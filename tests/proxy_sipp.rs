@@ -277,3 +277,90 @@ fn only_binding_answers_503_caller_gets_500() {
     let log = wait_for_log(&carrier, "call delivery ended");
     assert!(delivery_line(&log).contains("status=500"), "{log}");
 }
+
+/// A 2xx the PBX retransmits (the caller's ACK was slow) after the caller already has its
+/// answer still reaches the caller (RFC 6026), though the call's own state is forgotten once
+/// it was answered. Caller and PBX are plain UDP sockets of the test.
+#[test]
+fn a_2xx_retransmitted_after_the_answer_still_reaches_the_caller() {
+    use std::net::UdpSocket;
+    let (ip, caller_ip, pbx_ip) = ("127.0.80.1", "127.0.80.2", "127.0.80.3");
+    let carrier = carrier(ip, caller_ip, "pbx80");
+    register_pbx(&carrier, pbx_ip, "pbx80");
+    let pbx = UdpSocket::bind((pbx_ip, PBX_PORT)).unwrap();
+    let caller = UdpSocket::bind((caller_ip, 0)).unwrap();
+    for s in [&pbx, &caller] {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    }
+    let me = caller.local_addr().unwrap();
+    let invite = format!(
+        "INVITE sip:{DID}@{ip} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-rt2xx;rport\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:+15557770000@{caller_ip}>;tag=c1\r\n\
+         To: <sip:{DID}@{ip}>\r\nCall-ID: rt2xx@{caller_ip}\r\nCSeq: 1 INVITE\r\n\
+         Contact: <sip:caller@{me}>\r\nContent-Length: 0\r\n\r\n"
+    );
+    caller
+        .send_to(invite.as_bytes(), carrier.addr("udp"))
+        .unwrap();
+    let mut buf = vec![0u8; 65536];
+    // The PBX gets the INVITE and answers 200 (its headers echoed, as a UAS does).
+    let (n, from) = pbx.recv_from(&mut buf).expect("the INVITE reaches the PBX");
+    let got = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(got.starts_with("INVITE "), "{got}");
+    let mut ok = String::from("SIP/2.0 200 OK\r\n");
+    for line in got.lines() {
+        let name = line
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if [
+            "via",
+            "v",
+            "from",
+            "f",
+            "call-id",
+            "i",
+            "cseq",
+            "record-route",
+        ]
+        .contains(&name.as_str())
+        {
+            ok.push_str(line);
+            ok.push_str("\r\n");
+        } else if name == "to" || name == "t" {
+            ok.push_str(line);
+            ok.push_str(";tag=pbx1\r\n");
+        }
+    }
+    ok.push_str(&format!(
+        "Contact: <sip:pbx@{pbx_ip}:{PBX_PORT}>\r\nContent-Length: 0\r\n\r\n"
+    ));
+    let mut answers = |what: &str| -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let Ok((n, _)) = caller.recv_from(&mut buf) else {
+                break;
+            };
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if text.starts_with("SIP/2.0 200") {
+                return text;
+            }
+        }
+        panic!("{what}: no 200 reached the caller; log:\n{}", carrier.log());
+    };
+    pbx.send_to(ok.as_bytes(), from).unwrap();
+    let first = answers("the answer");
+    assert!(
+        first.contains("tag=pbx1") && first.contains("CSeq: 1 INVITE"),
+        "{first}"
+    );
+    // The caller has its answer: the call is over for the delivery. The PBX, hearing no ACK,
+    // sends its 200 again, and again it reaches the caller, one Via less.
+    wait_for_log(&carrier, "call delivery ended");
+    pbx.send_to(ok.as_bytes(), from).unwrap();
+    let again = answers("the retransmitted answer");
+    assert!(again.contains("tag=pbx1"), "{again}");
+    assert_eq!(again.matches("Via:").count(), 1, "{again}");
+}

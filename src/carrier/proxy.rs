@@ -273,6 +273,15 @@ enum Role {
     Relay { server: ServerId },
     /// A CANCEL the proxy sent: its answer matters to no one.
     Cancel,
+    /// A branch still alive after its call's caller got the final answer: the call itself is
+    /// forgotten, but a 2xx is still relayed (RFC 6026) and a CANCEL still follows a ring.
+    Settled {
+        server: ServerId,
+        reply_to: Flow,
+        /// The branch went to a customer's PBX: its P-Asserted-Identity is not passed on.
+        untrusted: bool,
+        cancel_pending: bool,
+    },
 }
 
 /// One inbound call being delivered.
@@ -322,7 +331,6 @@ pub struct Proxy {
     records: VecDeque<CallRecord>,
     /// Delivery deadlines of the calls; an entry no longer the call's deadline is stale.
     timers: BinaryHeap<Reverse<(Instant, ServerId)>>,
-    last_tidy: Option<Instant>,
 }
 
 /// A new call's facts, as the service found them.
@@ -359,7 +367,6 @@ impl Proxy {
             resolves: VecDeque::new(),
             records: VecDeque::new(),
             timers: BinaryHeap::new(),
-            last_tidy: None,
         }
     }
 
@@ -595,17 +602,24 @@ impl Proxy {
         match role {
             Role::Cancel => {}
             Role::Relay { server } => relay_in_dialog(now, tx, server, event),
+            Role::Settled {
+                server,
+                reply_to,
+                untrusted,
+                cancel_pending,
+            } => self.on_settled_event(
+                now,
+                tx,
+                id,
+                event,
+                (server, reply_to, untrusted, cancel_pending),
+            ),
             Role::Branch { call, branch } => {
                 if let Some(c) = self.calls.get_mut(&call) {
                     let span = c.span.clone();
                     let _g = span.enter();
                     let mut current = None;
-                    // A customer's PBX does not assert identities to the caller: only the
-                    // gateway's and a peer's answers keep their P-Asserted-Identity.
-                    let untrusted = matches!(
-                        c.delivery.attempts().get(branch.index()).map(|a| &a.target),
-                        Some(Target::Binding(_) | Target::FailoverPbx(_))
-                    );
+                    let untrusted = untrusted_branch(c, branch);
                     let (bound, key) = (&self.bound, &self.dialog_key);
                     let prepare = |m: &mut Message| {
                         rewrite_record_route(m, bound, key);
@@ -648,6 +662,45 @@ impl Proxy {
             }
         }
         true
+    }
+
+    /// An event of a branch that outlived its call (see [`Role::Settled`]).
+    fn on_settled_event(
+        &mut self,
+        now: Instant,
+        tx: &mut Transactions<Flow>,
+        id: ClientId,
+        event: ClientEvent,
+        (server, reply_to, untrusted, cancel_pending): (ServerId, Flow, bool, bool),
+    ) {
+        match event {
+            ClientEvent::Provisional(_) if cancel_pending => {
+                if let Some(Role::Settled { cancel_pending, .. }) = self.clients.get_mut(&id) {
+                    *cancel_pending = false;
+                }
+                match tx.cancel(now, id) {
+                    Ok(cid) => {
+                        self.clients.insert(cid, Role::Cancel);
+                    }
+                    Err(e) => debug!(error = %e, "CANCEL not sent"),
+                }
+            }
+            ClientEvent::Final(mut m) | ClientEvent::Additional2xx(mut m)
+                if m.status().is_some_and(|s| (200..300).contains(&s)) =>
+            {
+                // As Action::RelayAnswer: through the server transaction while it accepts a
+                // 2xx, else statelessly.
+                rewrite_record_route(&mut m, &self.bound, &self.dialog_key);
+                if untrusted {
+                    m.remove_headers(&pai_header());
+                }
+                let m = without_our_via(*m);
+                if tx.respond(server, now, m.clone()).is_err() {
+                    self.transmits.push_back((reply_to, m.to_bytes()));
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Carries out the delivery's actions for call `id`; `current` is the response just fed.
@@ -845,27 +898,39 @@ impl Proxy {
         }
     }
 
-    /// Forgets call `id` once its caller has its answer and its branches are all gone.
+    /// Forgets call `id` once its caller has its final answer. Its branches that still live
+    /// (lingering for their timers, or cancelled and not yet answered) keep only what they
+    /// need as [`Role::Settled`]: a call's state is otherwise held for the 32 s of timer M.
     fn sweep_call(&mut self, id: ServerId, tx: &Transactions<Flow>) {
-        if self.calls.get(&id).is_some_and(|c| finished(c, tx)) {
-            self.calls.remove(&id);
+        if !self.calls.get(&id).is_some_and(|c| c.delivery.is_done()) {
+            return;
+        }
+        let Some(call) = self.calls.remove(&id) else {
+            return;
+        };
+        for (&branch, &cid) in &call.branches {
+            if tx.client(cid).is_none() {
+                self.clients.remove(&cid);
+                continue;
+            }
+            let settled = Role::Settled {
+                server: id,
+                reply_to: call.reply_to,
+                untrusted: untrusted_branch(&call, branch),
+                cancel_pending: call.cancel_pending.contains(&branch),
+            };
+            self.clients.insert(cid, settled);
         }
     }
 
-    /// Forgets finished calls and the client transactions that ended: a walk over everything,
-    /// so at most every [`TIDY_INTERVAL`] (transactions end on their own timers, without an
-    /// event to the proxy). Only once the table's events are drained: an ended transaction's
-    /// Timeout or TransportError may still be queued until then.
-    pub fn tidy(&mut self, now: Instant, tx: &Transactions<Flow>) {
-        if self
-            .last_tidy
-            .is_some_and(|t| now.saturating_duration_since(t) < TIDY_INTERVAL)
-        {
-            return;
-        }
-        self.last_tidy = Some(now);
-        self.calls.retain(|_, c| !finished(c, tx));
-        self.clients.retain(|cid, _| tx.client(*cid).is_some());
+    /// A client transaction ended (see [`Transactions::poll_ended`]): forgotten here too.
+    pub fn client_ended(&mut self, id: ClientId) {
+        self.clients.remove(&id);
+    }
+
+    /// How many client transactions the proxy follows.
+    pub fn clients(&self) -> usize {
+        self.clients.len()
     }
 
     /// Forwards an in-dialog request that named this server in its top Route (RFC 3261 §16.4,
@@ -1047,12 +1112,17 @@ pub fn plan_call(
     })
 }
 
-/// How often [`Proxy::tidy`] walks the calls and client transactions.
-const TIDY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
-
 /// The caller has its answer and no branch transaction is left.
-fn finished(call: &Call, tx: &Transactions<Flow>) -> bool {
-    call.delivery.is_done() && call.branches.values().all(|cid| tx.client(*cid).is_none())
+/// A customer's PBX does not assert identities to the caller: only the gateway's and a peer's
+/// answers keep their P-Asserted-Identity.
+fn untrusted_branch(call: &Call, branch: BranchId) -> bool {
+    matches!(
+        call.delivery
+            .attempts()
+            .get(branch.index())
+            .map(|a| &a.target),
+        Some(Target::Binding(_) | Target::FailoverPbx(_))
+    )
 }
 
 /// The record of a call that has its final answer.

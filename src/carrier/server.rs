@@ -273,7 +273,11 @@ pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
     let shutdown_handle = transport.clone();
     let service = Service {
         transport,
-        transactions: Transactions::new(settings.timers.clone()),
+        transactions: {
+            let mut t = Transactions::new(settings.timers.clone());
+            t.report_ended();
+            t
+        },
         registrar,
         customers,
         proxy: Proxy::new(settings.proxy.clone(), dialog_key, bound.clone()),
@@ -628,7 +632,10 @@ impl Service {
                     Event::Server(..) => {}
                 }
             }
-            self.proxy.tidy(Instant::now(), &self.transactions);
+            // After the events: a transaction's last event is handled before it is forgotten.
+            while let Some(id) = self.transactions.poll_ended() {
+                self.proxy.client_ended(id);
+            }
             let mut failed = Vec::new();
             while let Some((flow, bytes)) = self.transactions.poll_transmit() {
                 if !self.send(flow, bytes) {

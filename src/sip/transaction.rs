@@ -233,8 +233,10 @@ pub struct ClientTransaction {
     reliable: bool,
     config: TimerConfig,
     state: ClientState,
-    request: Message,
-    /// Serialized once: retransmissions are the same bytes.
+    /// The request, while an answer may still need it (ACK, CANCEL); dropped once a final
+    /// response came, so that a transaction lingering for its timers stays small.
+    request: Option<Box<Message>>,
+    /// Serialized once: retransmissions are the same bytes (empty once dropped).
     request_bytes: Bytes,
     /// The ACK sent for a 300–699 response, re-sent for each retransmission of it.
     ack: Option<Bytes>,
@@ -264,7 +266,7 @@ impl ClientTransaction {
             } else {
                 ClientState::Trying
             },
-            request,
+            request: Some(Box::new(request)),
             transmits: VecDeque::from([request_bytes.clone()]),
             request_bytes,
             ack: None,
@@ -274,9 +276,16 @@ impl ClientTransaction {
         }
     }
 
-    /// The request this transaction sends (to build a CANCEL with [`cancel_for`]).
-    pub fn request(&self) -> &Message {
-        &self.request
+    /// The request this transaction sends (to build a CANCEL with [`cancel_for`]), until a
+    /// final response came.
+    pub fn request(&self) -> Option<&Message> {
+        self.request.as_deref()
+    }
+
+    /// After the final response: only the timers and the ACK are left to serve.
+    fn forget_request(&mut self) {
+        self.request = None;
+        self.request_bytes = Bytes::new();
     }
 
     /// The current state.
@@ -325,6 +334,7 @@ impl ClientTransaction {
             }
             (Calling | Proceeding, Class::Success) => {
                 self.timers.clear();
+                self.forget_request();
                 self.state = Accepted;
                 self.timers.linger = deadline(now, self.config.timeout());
                 self.events
@@ -335,7 +345,11 @@ impl ClientTransaction {
                     .push_back(ClientEvent::Additional2xx(Box::new(response.clone())));
             }
             (Calling | Proceeding, Class::Failure) => {
-                let ack = ack_for(&self.request, response).to_bytes();
+                let Some(request) = self.request.take() else {
+                    return;
+                };
+                let ack = ack_for(&request, response).to_bytes();
+                self.forget_request();
                 self.transmits.push_back(ack.clone());
                 self.ack = Some(ack);
                 self.events
@@ -370,6 +384,7 @@ impl ClientTransaction {
             }
             (Trying | Proceeding, Class::Success | Class::Failure) => {
                 self.timers.clear();
+                self.forget_request();
                 self.events
                     .push_back(ClientEvent::Final(Box::new(response.clone())));
                 let wait = if self.reliable {
@@ -494,7 +509,8 @@ pub struct ServerTransaction {
     reliable: bool,
     config: TimerConfig,
     state: ServerState,
-    request: Message,
+    /// The request, until a final response was sent (responses are built from it).
+    request: Option<Box<Message>>,
     /// The last response sent: re-sent for request retransmissions and on timer G.
     last_response: Option<Bytes>,
     timers: Timers,
@@ -518,7 +534,7 @@ impl ServerTransaction {
             } else {
                 ServerState::Trying
             },
-            request: request.clone(),
+            request: Some(Box::new(request.clone())),
             last_response: None,
             timers: Timers::default(),
             transmits: VecDeque::new(),
@@ -526,9 +542,10 @@ impl ServerTransaction {
         }
     }
 
-    /// The request that created the transaction (to build responses to it).
-    pub fn request(&self) -> &Message {
-        &self.request
+    /// The request that created the transaction (to build responses to it), until a final
+    /// response was sent.
+    pub fn request(&self) -> Option<&Message> {
+        self.request.as_deref()
     }
 
     /// The current state.
@@ -592,8 +609,15 @@ impl ServerTransaction {
             _ => return Err(TransactionError::AlreadyFinal),
         }
         let bytes = response.to_bytes();
-        self.transmits.push_back(bytes.clone());
-        self.last_response = Some(bytes);
+        if self.state == Proceeding {
+            self.last_response = Some(bytes.clone());
+        } else {
+            // Final: only the last response and the timers are served from now on. In
+            // Accepted not even that: 2xx retransmissions are the TU's (RFC 6026).
+            self.request = None;
+            self.last_response = (self.state != Accepted).then(|| bytes.clone());
+        }
+        self.transmits.push_back(bytes);
         Ok(())
     }
 
@@ -961,6 +985,8 @@ pub struct Transactions<D> {
     timers: BinaryHeap<Reverse<(Instant, TransactionId)>>,
     transmits: VecDeque<(D, Bytes)>,
     events: VecDeque<Event>,
+    /// Client transactions forgotten, for a TU that asked ([`report_ended`](Self::report_ended)).
+    ended: Option<VecDeque<ClientId>>,
 }
 
 // === impl Transactions ===
@@ -983,7 +1009,19 @@ impl<D: Clone> Transactions<D> {
             timers: BinaryHeap::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            ended: None,
         }
+    }
+
+    /// From now on, every client transaction the table forgets is reported by
+    /// [`poll_ended`](Self::poll_ended), so a TU can drop what it keeps for it without a walk.
+    pub fn report_ended(&mut self) {
+        self.ended.get_or_insert_default();
+    }
+
+    /// A client transaction that ended and was forgotten (its last events are queued before).
+    pub fn poll_ended(&mut self) -> Option<ClientId> {
+        self.ended.as_mut()?.pop_front()
     }
 
     /// The timer values.
@@ -1013,7 +1051,7 @@ impl<D: Clone> Transactions<D> {
 
     /// The request that created a server transaction, while it lives.
     pub fn server_request(&self, id: ServerId) -> Option<&Message> {
-        self.server(id).map(ServerTransaction::request)
+        self.server(id).and_then(ServerTransaction::request)
     }
 
     fn next_id(&mut self) -> u64 {
@@ -1069,7 +1107,9 @@ impl<D: Clone> Transactions<D> {
         if !entry.tx.is_invite() {
             return Err(TransactionError::NotInvite);
         }
-        let cancel = cancel_for(entry.tx.request());
+        // After a final response there is nothing left to cancel.
+        let request = entry.tx.request().ok_or(TransactionError::AlreadyFinal)?;
+        let cancel = cancel_for(request);
         let (dest, reliable) = (entry.dest.clone(), entry.tx.is_reliable());
         self.new_client(now, cancel, dest, reliable)
     }
@@ -1328,6 +1368,9 @@ impl<D: Clone> Transactions<D> {
         if entry.tx.is_terminated() {
             if let Some(entry) = self.clients.remove(&id) {
                 self.client_keys.remove(&entry.key);
+                if let Some(ended) = &mut self.ended {
+                    ended.push_back(id);
+                }
             }
             return;
         }
@@ -1659,6 +1702,8 @@ Content-Length: 0\r\n\r\n";
             Some(ClientEvent::Final(Box::new(ok.clone())))
         );
         assert_eq!(tx.state(), ClientState::Accepted);
+        // Lingering for timer M, it keeps nothing of the request.
+        assert!(tx.request().is_none() && tx.request_bytes.is_empty());
         // No ACK from the transaction: the 2xx ACK is the TU's.
         assert!(drain(&mut tx).is_empty());
         tx.handle_response(t0 + ms(700), &ok);
@@ -1831,9 +1876,15 @@ Content-Length: 0\r\n\r\n";
         let t0 = Instant::now();
         let invite = msg(INVITE);
         let mut tx = ServerTransaction::new(t0, &invite, false, TimerConfig::default());
+        tx.respond(t0, &invite.response(180, "Ringing", Some("s1")))
+            .unwrap();
+        assert_eq!(tx.request(), Some(&invite));
+        drain(&mut tx);
         let ok = invite.response(200, "OK", Some("s1"));
         tx.respond(t0, &ok).unwrap();
         assert_eq!(tx.state(), ServerState::Accepted);
+        // Lingering for timer L, it keeps neither the request nor the 2xx.
+        assert!(tx.request().is_none() && tx.last_response.is_none());
         assert_eq!(drain(&mut tx), [ok.to_bytes()]);
         // The INVITE crossed the 2xx: absorbed, not re-answered, not new.
         assert!(tx.handle_request(t0 + ms(500), &invite));
