@@ -698,3 +698,25 @@ fn a_busy_table_empties_once_every_timer_has_fired() {
     run_out(&mut t, t0);
     events(&mut t);
 }
+
+#[test]
+fn unreachable_fails_the_transactions_of_where_they_send_now() {
+    let t0 = Instant::now();
+    let mut t = table();
+    let options = msg(OPTIONS_IN);
+    let RequestDisposition::New(id) = t.handle_request(t0, &options, "pbx", false) else {
+        panic!("a new request")
+    };
+    // A retransmission from a new port moves where the responses go.
+    t.handle_request(t0 + ms(500), &options, "pbx-new-port", false);
+    assert_eq!(t.handle_unreachable(t0 + ms(600), &"pbx"), 0);
+    assert!(events(&mut t).is_empty());
+    assert_eq!(t.handle_unreachable(t0 + ms(700), &"pbx-new-port"), 1);
+    assert_eq!(
+        events(&mut t),
+        [Event::Server(id, ServerEvent::TransportError)]
+    );
+    // Forgotten: a second ICMP error for it finds nothing.
+    assert!(t.is_empty());
+    assert_eq!(t.handle_unreachable(t0 + ms(800), &"pbx-new-port"), 0);
+}

@@ -2,6 +2,11 @@
 
 use clap::Parser;
 
+/// Every SIP message is parsed into, and sent from, many small allocations that another
+/// thread may free: mimalloc serves that pattern with a fraction of glibc malloc's time.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let cli = lifeline::carrier::cli::Cli::parse();
     let loaded = lifeline::carrier::cli::settings(&cli);

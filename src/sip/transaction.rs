@@ -37,7 +37,8 @@
 //! Neither generates or absorbs the ACK of a 2xx: that is end to end, for the TU.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::hash::Hash;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -987,11 +988,14 @@ pub struct Transactions<D> {
     events: VecDeque<Event>,
     /// Client transactions forgotten, for a TU that asked ([`report_ended`](Self::report_ended)).
     ended: Option<VecDeque<ClientId>>,
+    /// The live transactions by destination: an ICMP error fails those of one destination
+    /// without a walk over all (a probe round brings thousands of them).
+    by_dest: HashMap<D, HashSet<TransactionId>>,
 }
 
 // === impl Transactions ===
 
-impl<D: Clone> Transactions<D> {
+impl<D: Clone + Eq + Hash> Transactions<D> {
     /// Transactions created from now on use `config`; running ones keep theirs.
     pub fn set_config(&mut self, config: TimerConfig) {
         self.config = config;
@@ -1010,6 +1014,7 @@ impl<D: Clone> Transactions<D> {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             ended: None,
+            by_dest: HashMap::new(),
         }
     }
 
@@ -1087,6 +1092,7 @@ impl<D: Clone> Transactions<D> {
         let id = ClientId(self.next_id());
         let tx = ClientTransaction::new(now, request, reliable, self.config.clone());
         self.client_keys.insert(key.clone(), id);
+        self.index(&dest, id.into());
         self.clients.insert(
             id,
             ClientEntry {
@@ -1161,8 +1167,10 @@ impl<D: Clone> Transactions<D> {
             && let Some(entry) = self.servers.get_mut(&id)
         {
             let absorbed = entry.tx.handle_request(now, request);
-            if !ack {
-                entry.dest = dest;
+            if !ack && entry.dest != dest {
+                let old = std::mem::replace(&mut entry.dest, dest.clone());
+                self.unindex(&old, id.into());
+                self.index(&dest, id.into());
             }
             self.sync_server(id);
             return if absorbed {
@@ -1177,6 +1185,7 @@ impl<D: Clone> Transactions<D> {
         let id = ServerId(self.next_id());
         let tx = ServerTransaction::new(now, request, reliable, self.config.clone());
         self.server_keys.insert(key.clone(), id);
+        self.index(&dest, id.into());
         self.servers.insert(
             id,
             ServerEntry {
@@ -1251,28 +1260,32 @@ impl<D: Clone> Transactions<D> {
     }
 
     /// `dest` is unreachable (e.g. ICMP port unreachable for it): every transaction sending
-    /// there fails as by [`handle_transport_error`](Self::handle_transport_error). Returns how
-    /// many. Scans the whole table.
-    pub fn handle_unreachable(&mut self, now: Instant, dest: &D) -> usize
-    where
-        D: PartialEq,
-    {
-        let ids: Vec<TransactionId> = self
-            .clients
-            .iter()
-            .filter(|(_, e)| e.dest == *dest)
-            .map(|(&id, _)| id.into())
-            .chain(
-                self.servers
-                    .iter()
-                    .filter(|(_, e)| e.dest == *dest)
-                    .map(|(&id, _)| id.into()),
-            )
-            .collect();
+    /// there fails as by [`handle_transport_error`](Self::handle_transport_error), oldest
+    /// first. Returns how many.
+    pub fn handle_unreachable(&mut self, now: Instant, dest: &D) -> usize {
+        let mut ids: Vec<TransactionId> = self
+            .by_dest
+            .get(dest)
+            .map(|ids| ids.iter().copied().collect())
+            .unwrap_or_default();
+        ids.sort_unstable();
         for &id in &ids {
             let _ = self.handle_transport_error(now, id);
         }
         ids.len()
+    }
+
+    fn index(&mut self, dest: &D, id: TransactionId) {
+        self.by_dest.entry(dest.clone()).or_default().insert(id);
+    }
+
+    fn unindex(&mut self, dest: &D, id: TransactionId) {
+        if let Some(ids) = self.by_dest.get_mut(dest) {
+            ids.remove(&id);
+            if ids.is_empty() {
+                self.by_dest.remove(dest);
+            }
+        }
     }
 
     /// The earliest deadline of any transaction.
@@ -1368,6 +1381,7 @@ impl<D: Clone> Transactions<D> {
         if entry.tx.is_terminated() {
             if let Some(entry) = self.clients.remove(&id) {
                 self.client_keys.remove(&entry.key);
+                self.unindex(&entry.dest, id.into());
                 if let Some(ended) = &mut self.ended {
                     ended.push_back(id);
                 }
@@ -1396,6 +1410,7 @@ impl<D: Clone> Transactions<D> {
         }
         if entry.tx.is_terminated() {
             if let Some(entry) = self.servers.remove(&id) {
+                self.unindex(&entry.dest, id.into());
                 for key in entry.keys {
                     if self.server_keys.get(&key) == Some(&id) {
                         self.server_keys.remove(&key);
