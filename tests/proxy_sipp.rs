@@ -364,3 +364,83 @@ fn a_2xx_retransmitted_after_the_answer_still_reaches_the_caller() {
     assert!(again.contains("tag=pbx1"), "{again}");
     assert_eq!(again.matches("Via:").count(), 1, "{again}");
 }
+
+/// The caller CANCELs before the PBX said anything: the caller gets its 487 at once, and the
+/// branch, which may not be cancelled before it rings (RFC 3261 §9.1), gets its CANCEL when
+/// the PBX rings later, though the call's own state is forgotten by then.
+#[test]
+fn a_branch_that_rings_after_the_caller_cancelled_gets_its_cancel() {
+    use std::net::UdpSocket;
+    let (ip, caller_ip, pbx_ip) = ("127.0.81.1", "127.0.81.2", "127.0.81.3");
+    let carrier = carrier(ip, caller_ip, "pbx81");
+    register_pbx(&carrier, pbx_ip, "pbx81");
+    let pbx = UdpSocket::bind((pbx_ip, PBX_PORT)).unwrap();
+    let caller = UdpSocket::bind((caller_ip, 0)).unwrap();
+    for s in [&pbx, &caller] {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    }
+    let me = caller.local_addr().unwrap();
+    let request = |method: &str| {
+        format!(
+            "{method} sip:{DID}@{ip} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-late180\r\n\
+             Max-Forwards: 70\r\nFrom: <sip:+15557770000@{caller_ip}>;tag=c1\r\n\
+             To: <sip:{DID}@{ip}>\r\nCall-ID: late180@{caller_ip}\r\nCSeq: 1 {method}\r\n\
+             Contact: <sip:caller@{me}>\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    let mut buf = vec![0u8; 65536];
+    // The first request of `method` that `socket` receives (retransmissions pass by).
+    let mut next = |socket: &UdpSocket, start: &str| -> (String, std::net::SocketAddr) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                break;
+            };
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if text.starts_with(start) {
+                return (text, from);
+            }
+        }
+        panic!("no {start} came; log:\n{}", carrier.log());
+    };
+    caller
+        .send_to(request("INVITE").as_bytes(), carrier.addr("udp"))
+        .unwrap();
+    let (invite, from) = next(&pbx, "INVITE ");
+    caller
+        .send_to(request("CANCEL").as_bytes(), carrier.addr("udp"))
+        .unwrap();
+    next(&caller, "SIP/2.0 487");
+    wait_for_log(&carrier, "call delivery ended");
+    // Now the PBX rings: 180 for the INVITE it got, its headers echoed.
+    let mut ringing = String::from("SIP/2.0 180 Ringing\r\n");
+    for line in invite.lines() {
+        let name = line
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if ["via", "v", "from", "f", "call-id", "i", "cseq"].contains(&name.as_str()) {
+            ringing.push_str(line);
+            ringing.push_str("\r\n");
+        } else if name == "to" || name == "t" {
+            ringing.push_str(line);
+            ringing.push_str(";tag=pbx1\r\n");
+        }
+    }
+    ringing.push_str("Content-Length: 0\r\n\r\n");
+    pbx.send_to(ringing.as_bytes(), from).unwrap();
+    let (cancel, _) = next(&pbx, "CANCEL ");
+    let branch = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("Via:"))
+            .and_then(|l| l.split("branch=").nth(1))
+            .map(|b| b.split(';').next().unwrap_or("").trim().to_string())
+    };
+    assert_eq!(
+        branch(&cancel),
+        branch(&invite),
+        "the CANCEL of that INVITE:\n{cancel}"
+    );
+}
