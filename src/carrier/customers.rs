@@ -25,7 +25,7 @@ pub struct Customers {
     pub version: i64,
     trunk_groups: HashMap<TrunkGroupId, TrunkGroup>,
     by_username: HashMap<String, TrunkGroupId>,
-    dids: HashMap<String, Did>,
+    dids: DidTable,
 }
 
 impl Customers {
@@ -33,19 +33,38 @@ impl Customers {
     pub async fn load(store: &Store) -> Result<Customers, StoreError> {
         // Read the counter first: a change during the load is seen by the next poll.
         let version = store.config_version().await?;
-        let groups = store.list_trunk_groups(None).await?;
-        let dids = store.list_dids(None).await?;
-        Ok(Customers::from_parts(version, groups, dids))
+        let mut dids = DidTable::default();
+        // On two connections at once.
+        let (groups, ()) = tokio::try_join!(
+            store.scan_trunk_groups(),
+            store.scan_dids(|number, group, failover| dids.insert(number, group, failover)),
+        )?;
+        Ok(Customers::build(version, groups, dids))
     }
 
-    /// Builds a view from rows (tests, and `load`).
+    /// Builds a view from rows (tests).
     pub fn from_parts(version: i64, groups: Vec<TrunkGroup>, dids: Vec<Did>) -> Customers {
-        let by_username = groups.iter().map(|g| (g.username.clone(), g.id)).collect();
+        let mut table = DidTable::default();
+        for d in &dids {
+            table.insert(&d.number, d.trunk_group_id, d.failover_number.as_deref());
+        }
+        Customers::build(version, groups, table)
+    }
+
+    /// A later row of the same trunk group, username or DID wins (the store has none).
+    fn build(version: i64, groups: Vec<TrunkGroup>, mut dids: DidTable) -> Customers {
+        let mut trunk_groups = HashMap::with_capacity(groups.len());
+        let mut by_username = HashMap::with_capacity(groups.len());
+        for g in groups {
+            by_username.insert(g.username.clone(), g.id);
+            trunk_groups.insert(g.id, g);
+        }
+        dids.finish();
         Customers {
             version,
-            trunk_groups: groups.into_iter().map(|g| (g.id, g)).collect(),
+            trunk_groups,
             by_username,
-            dids: dids.into_iter().map(|d| (d.number.clone(), d)).collect(),
+            dids,
         }
     }
 
@@ -61,20 +80,34 @@ impl Customers {
     }
 
     /// A DID, written with or without the leading `+`.
-    pub fn did(&self, number: &str) -> Option<&Did> {
-        match number.strip_prefix('+') {
-            Some(_) => self.dids.get(number),
-            None => self.dids.get(&format!("+{number}")),
+    pub fn did(&self, number: &str) -> Option<DidRef<'_>> {
+        // A number with a key is only among the compact ones, any other only among the others.
+        let digits = number.strip_prefix('+').unwrap_or(number);
+        if let Some(key) = digits_key(digits) {
+            return self.dids.compact(key);
         }
+        if self.dids.other.is_empty() {
+            return None;
+        }
+        let found = if number.starts_with('+') {
+            self.dids.other.get_key_value(number)
+        } else {
+            self.dids.other.get_key_value(format!("+{number}").as_str())
+        };
+        found.map(|(number, (group, failover))| DidRef {
+            number: DidNumber(Text::Other(number)),
+            trunk_group_id: *group,
+            failover_number: failover.as_deref().map(|f| DidNumber(Text::Other(f))),
+        })
     }
 
     /// The failover settings that apply to a call for `did` (DESIGN.md, "Words"): the DID's
     /// own failover number, and its trunk group's global number and failover PBX. A DID whose
     /// trunk group is not in this copy gets only its own number.
-    pub fn failover(&self, did: &Did) -> FailoverPlan {
+    pub fn failover(&self, did: DidRef<'_>) -> FailoverPlan {
         let group = self.trunk_groups.get(&did.trunk_group_id);
         FailoverPlan {
-            did_number: did.failover_number.clone(),
+            did_number: did.failover_number.map(|n| n.to_string()),
             global_number: group.and_then(|g| g.failover_number.clone()),
             pbx: group.and_then(|g| g.failover_pbx.clone()),
         }
@@ -83,7 +116,7 @@ impl Customers {
     /// The trunk group whose bindings are `did`'s failover PBX, if its failover PBX is a trunk
     /// group of the same account (the store checks this when it is set; a group moved to
     /// another account since is not delivered to).
-    pub fn failover_trunk_group(&self, did: &Did) -> Option<TrunkGroupId> {
+    pub fn failover_trunk_group(&self, did: DidRef<'_>) -> Option<TrunkGroupId> {
         let group = self.trunk_groups.get(&did.trunk_group_id)?;
         match &group.failover_pbx {
             Some(FailoverPbx::TrunkGroup(other)) => self
@@ -98,6 +131,177 @@ impl Customers {
     /// How many trunk groups and DIDs this copy holds.
     pub fn counts(&self) -> (usize, usize) {
         (self.trunk_groups.len(), self.dids.len())
+    }
+}
+
+/// A DID of the copy, as the routing needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct DidRef<'a> {
+    /// E.164 with the leading `+`.
+    pub number: DidNumber<'a>,
+    pub trunk_group_id: TrunkGroupId,
+    /// The DID's own failover number; when unset, its trunk group's global one applies.
+    pub failover_number: Option<DidNumber<'a>>,
+}
+
+/// A number of the copy, as text.
+#[derive(Clone, Copy)]
+pub struct DidNumber<'a>(Text<'a>);
+
+#[derive(Clone, Copy)]
+enum Text<'a> {
+    /// `+` and up to 19 digits.
+    Digits {
+        len: u8,
+        bytes: [u8; 20],
+    },
+    Other(&'a str),
+}
+
+impl DidNumber<'_> {
+    fn from_key(key: u64) -> DidNumber<'static> {
+        let mut bytes = [0; 20];
+        let mut digits = [0; 19];
+        let (mut n, mut start) = (key, digits.len());
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        let len = digits.len() - start;
+        bytes[0] = b'+';
+        bytes[1..=len].copy_from_slice(&digits[start..]);
+        DidNumber(Text::Digits {
+            len: len as u8 + 1,
+            bytes,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            Text::Digits { len, bytes } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).expect("ASCII digits")
+            }
+            Text::Other(s) => s,
+        }
+    }
+}
+
+impl std::ops::Deref for DidNumber<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for DidNumber<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for DidNumber<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+/// The digits of a number the store writes (after the `+`: 1 to 19 digits, the first not 0)
+/// as an integer, which stands for the text one to one.
+fn digits_key(digits: &str) -> Option<u64> {
+    let ok = (1..=19).contains(&digits.len())
+        && !digits.starts_with('0')
+        && digits.bytes().all(|b| b.is_ascii_digit());
+    if !ok {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// A number's key if it is `+` and such digits.
+fn number_key(number: &str) -> Option<u64> {
+    digits_key(number.strip_prefix('+')?)
+}
+
+/// The DIDs of a copy: a million of them as strings in a hash map took about 250 MB and a
+/// second to build; as sorted integers, 24 MB.
+#[derive(Debug, Default)]
+struct DidTable {
+    /// Every DID whose number has a key ([`number_key`]), as the store writes them all; sorted
+    /// by number once [`DidTable::finish`]ed.
+    compact: Vec<CompactDid>,
+    /// The own failover numbers of compact DIDs that have no key, by the DID's.
+    odd_failovers: HashMap<u64, Box<str>>,
+    /// Any other DID (SQLite does not refuse all other text from other programs), by number.
+    other: HashMap<Box<str>, (TrunkGroupId, Option<Box<str>>)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct CompactDid {
+    number: u64,
+    trunk_group_id: TrunkGroupId,
+    /// The own failover number's key; [`NO_FAILOVER`] or [`ODD_FAILOVER`].
+    failover: u64,
+}
+
+/// No own failover number (no key is 0).
+const NO_FAILOVER: u64 = 0;
+/// An own failover number without a key: in `odd_failovers` (keys have at most 19 digits).
+const ODD_FAILOVER: u64 = u64::MAX;
+
+impl DidTable {
+    fn insert(&mut self, number: &str, trunk_group_id: TrunkGroupId, failover: Option<&str>) {
+        let Some(number) = number_key(number) else {
+            self.other
+                .insert(number.into(), (trunk_group_id, failover.map(Into::into)));
+            return;
+        };
+        let failover = match failover {
+            None => NO_FAILOVER,
+            Some(f) => number_key(f).unwrap_or_else(|| {
+                self.odd_failovers.insert(number, f.into());
+                ODD_FAILOVER
+            }),
+        };
+        self.compact.push(CompactDid {
+            number,
+            trunk_group_id,
+            failover,
+        });
+    }
+
+    /// Sorts the compact DIDs; of two with the same number, the later inserted stays.
+    fn finish(&mut self) {
+        // Reversed, a stable sort puts the later of equal numbers first, and dedup keeps it.
+        self.compact.reverse();
+        self.compact.sort_by_key(|d| d.number);
+        self.compact.dedup_by_key(|d| d.number);
+        self.compact.shrink_to_fit();
+    }
+
+    fn len(&self) -> usize {
+        self.compact.len() + self.other.len()
+    }
+
+    fn compact(&self, key: u64) -> Option<DidRef<'_>> {
+        let i = self.compact.binary_search_by_key(&key, |d| d.number).ok()?;
+        let d = self.compact[i];
+        let failover_number = match d.failover {
+            NO_FAILOVER => None,
+            ODD_FAILOVER => self
+                .odd_failovers
+                .get(&d.number)
+                .map(|f| DidNumber(Text::Other(f))),
+            key => Some(DidNumber::from_key(key)),
+        };
+        Some(DidRef {
+            number: DidNumber::from_key(d.number),
+            trunk_group_id: d.trunk_group_id,
+            failover_number,
+        })
     }
 }
 
@@ -289,6 +493,79 @@ mod tests {
             created_at: 0,
             failover_number: failover.map(str::to_owned),
         }
+    }
+
+    #[test]
+    fn dids_are_found_as_written_with_or_without_the_plus() {
+        let long = "+1234567890123456789"; // 19 digits: the longest compact one
+        let longer = "+12345678901234567890";
+        let customers = Customers::from_parts(
+            1,
+            vec![group(1, None, None), group(2, None, None)],
+            vec![
+                did("+15550000001", 1, None),
+                did(long, 2, Some(longer)),
+                did(longer, 1, Some("+15550000001")),
+                did("+0123", 1, None),
+                did("+1,5", 2, Some("+9 9")),
+                did("+15550000002", 1, Some("+1666")),
+                // Of two rows for one number, the later counts.
+                did("+15550000003", 1, None),
+                did("+15550000003", 2, Some("+1777")),
+                did("+15550000004", 1, Some("+1x")),
+                did("+15550000004", 2, None),
+            ],
+        );
+        assert_eq!(customers.counts(), (2, 8));
+        let found = |n: &str| {
+            customers.did(n).map(|d| {
+                (
+                    d.number.to_string(),
+                    d.trunk_group_id,
+                    d.failover_number.map(|f| f.to_string()),
+                )
+            })
+        };
+        let some = |n: &str, g, f: Option<&str>| Some((n.to_string(), g, f.map(str::to_owned)));
+        assert_eq!(found("+15550000001"), some("+15550000001", 1, None));
+        assert_eq!(found("15550000001"), some("+15550000001", 1, None));
+        assert_eq!(found(long), some(long, 2, Some(longer)));
+        assert_eq!(found(&long[1..]), some(long, 2, Some(longer)));
+        assert_eq!(found(longer), some(longer, 1, Some("+15550000001")));
+        assert_eq!(found(&longer[1..]), some(longer, 1, Some("+15550000001")));
+        assert_eq!(found("+0123"), some("+0123", 1, None));
+        assert_eq!(found("0123"), some("+0123", 1, None));
+        assert_eq!(found("+123"), None);
+        assert_eq!(found("1,5"), some("+1,5", 2, Some("+9 9")));
+        assert_eq!(
+            found("+15550000002"),
+            some("+15550000002", 1, Some("+1666"))
+        );
+        assert_eq!(
+            found("+15550000003"),
+            some("+15550000003", 2, Some("+1777"))
+        );
+        assert_eq!(found("+15550000004"), some("+15550000004", 2, None));
+        for absent in [
+            "",
+            "+",
+            "++15550000001",
+            "+15550000005",
+            "1555000000x",
+            "+ 15550000001",
+        ] {
+            assert_eq!(found(absent), None, "{absent:?}");
+        }
+        // The number reads as text everywhere a &str does.
+        let d = customers.did("15550000001").unwrap();
+        let text: &str = &d.number;
+        assert_eq!(text, "+15550000001");
+        assert_eq!(format!("{:?}", d.number), "\"+15550000001\"");
+        assert_eq!(
+            customers.failover(d).did_number,
+            None,
+            "no number of its own"
+        );
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! (the source of truth while running) and are written behind to this server's own SQLite file
 //! ([`BindingStore`]), so they survive a restart without making every REGISTER wait for fsync.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::ops::Bound;
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
@@ -78,6 +79,13 @@ pub struct Registrar {
     throttle: Throttle,
     /// Trunk groups whose number of bindings changed (see `take_presence_changes`).
     presence_changed: Vec<TrunkGroupId>,
+    /// Every change to a trunk group's bindings (loaded, registered, refreshed, removed,
+    /// expired) takes the next number: the prober follows them ([`Registrar::changes_after`])
+    /// instead of walking every binding.
+    changes: u64,
+    /// Each trunk group's last change, by group and by number.
+    last_change: HashMap<TrunkGroupId, u64>,
+    change_log: BTreeMap<u64, TrunkGroupId>,
 }
 
 /// Wall-clock milliseconds since the Unix epoch (binding expiry survives restarts).
@@ -101,29 +109,107 @@ impl Registrar {
         loaded: Vec<Binding>,
     ) -> Registrar {
         let mut bindings: HashMap<TrunkGroupId, Vec<Entry>> = HashMap::new();
+        let mut groups = Vec::new();
         for binding in loaded {
             let Ok(Uri::Sip(uri)) = Uri::parse(&binding.contact.as_str().into()) else {
                 warn!(contact = %binding.contact, "stored binding with an unusable URI dropped");
                 store.remove(binding.trunk_group, &binding.contact);
                 continue;
             };
+            groups.push(binding.trunk_group);
+            // Room for one: a first push would make room for four entries of ~400 bytes, and
+            // most groups have one binding.
             bindings
                 .entry(binding.trunk_group)
-                .or_default()
+                .or_insert_with(|| Vec::with_capacity(1))
                 .push(Entry {
                     uri,
                     binding,
                     conn: None,
                 });
         }
-        Registrar {
+        for entries in bindings.values_mut() {
+            entries.shrink_to_fit();
+        }
+        let mut registrar = Registrar {
             config,
             auth,
             bindings,
             store,
             throttle: Throttle::default(),
             presence_changed: Vec::new(),
+            changes: 0,
+            last_change: HashMap::new(),
+            change_log: BTreeMap::new(),
+        };
+        for group in groups {
+            registrar.changed(group);
         }
+        registrar
+    }
+
+    /// Records a change to `group`'s bindings.
+    fn changed(&mut self, group: TrunkGroupId) {
+        self.changes += 1;
+        if let Some(old) = self.last_change.insert(group, self.changes) {
+            self.change_log.remove(&old);
+        }
+        self.change_log.insert(self.changes, group);
+    }
+
+    /// Adds or replaces a binding as a REGISTER would, without one (the prober's tests).
+    #[cfg(test)]
+    pub(crate) fn bind_for_test(&mut self, binding: Binding) {
+        let Ok(Uri::Sip(uri)) = Uri::parse(&binding.contact.as_str().into()) else {
+            panic!("not a SIP URI: {}", binding.contact);
+        };
+        let group = binding.trunk_group;
+        let entries = self.bindings.entry(group).or_default();
+        entries.retain(|e| e.binding.contact != binding.contact);
+        entries.push(Entry {
+            uri,
+            binding,
+            conn: None,
+        });
+        self.changed(group);
+    }
+
+    /// The trunk groups whose bindings changed since change `after` (0: since the start), each
+    /// once with the number of its last change, in that order.
+    pub fn changes_after(&self, after: u64) -> impl Iterator<Item = (u64, TrunkGroupId)> + '_ {
+        self.change_log
+            .range((Bound::Excluded(after), Bound::Unbounded))
+            .map(|(&change, &group)| (change, group))
+    }
+
+    /// The live bindings of a trunk group, borrowed, in no particular order.
+    pub fn live_contacts(
+        &self,
+        trunk_group: TrunkGroupId,
+        now_ms: i64,
+    ) -> impl Iterator<Item = ContactRef<'_>> + '_ {
+        self.bindings
+            .get(&trunk_group)
+            .into_iter()
+            .flatten()
+            .filter(move |e| e.binding.expires_at_ms > now_ms)
+            .map(move |e| ContactRef {
+                trunk_group,
+                uri: &e.uri,
+                binding: &e.binding,
+                conn: e.conn,
+            })
+    }
+
+    /// The live binding of a trunk group for a contact, borrowed.
+    pub fn live_contact(
+        &self,
+        trunk_group: TrunkGroupId,
+        contact: &str,
+        now_ms: i64,
+    ) -> Option<ContactRef<'_>> {
+        self.live_contacts(trunk_group, now_ms)
+            .find(|c| c.binding.contact == contact)
     }
 
     /// The live bindings of a trunk group, highest q first.
@@ -142,23 +228,6 @@ impl Registrar {
             .collect();
         out.sort_by_key(|c| std::cmp::Reverse(c.binding.q.unwrap_or(1000)));
         out
-    }
-
-    /// Every live binding of every trunk group, as the prober walks them.
-    pub fn each_contact(&self, now_ms: i64) -> impl Iterator<Item = ContactRef<'_>> + '_ {
-        self.bindings
-            .iter()
-            .flat_map(move |(&trunk_group, entries)| {
-                entries
-                    .iter()
-                    .filter(move |e| e.binding.expires_at_ms > now_ms)
-                    .map(move |e| ContactRef {
-                        trunk_group,
-                        uri: &e.uri,
-                        binding: &e.binding,
-                        conn: e.conn,
-                    })
-            })
     }
 
     /// How many bindings are held.
@@ -199,6 +268,9 @@ impl Registrar {
             }
             !entries.is_empty()
         });
+        for &group in changed.iter().chain(&expired_groups) {
+            self.changed(group);
+        }
         self.presence_changed.extend(changed);
         self.presence_changed.extend(expired_groups);
     }
@@ -218,7 +290,7 @@ impl Registrar {
         groups.dedup();
         groups
             .into_iter()
-            .map(|g| (g, self.contacts(g, now_ms).len()))
+            .map(|g| (g, self.live_contacts(g, now_ms).count()))
             .collect()
     }
 
@@ -226,7 +298,7 @@ impl Registrar {
     pub fn presence(&self, now_ms: i64) -> Vec<(TrunkGroupId, usize)> {
         self.bindings
             .keys()
-            .map(|&g| (g, self.contacts(g, now_ms).len()))
+            .map(|&g| (g, self.live_contacts(g, now_ms).count()))
             .filter(|&(_, n)| n > 0)
             .collect()
     }
@@ -492,8 +564,10 @@ impl Registrar {
         if next.is_empty() {
             self.bindings.remove(&group);
         } else {
+            next.shrink_to_fit();
             self.bindings.insert(group, next);
         }
+        self.changed(group);
         Ok(())
     }
 }

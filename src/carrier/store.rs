@@ -805,6 +805,203 @@ fn is_foreign_key(e: &sqlx::Error) -> bool {
     matches!(constraint(e), Some(Constraint::ForeignKey))
 }
 
+/// Rows per statement of [`Store::reset_presence`]. Not more: SQLite looks each numbered
+/// parameter up by name in a list, so a statement's binding costs the square of its size.
+const PRESENCE_CHUNK: usize = 64;
+
+/// Rows per chunk of a [`JoinedScan`] of the DIDs and of the trunk groups: about 2 MB of
+/// text each (the driver holds a few copies of it at once).
+const DID_CHUNK: i64 = 100_000;
+const TRUNK_GROUP_CHUNK: i64 = 10_000;
+
+/// What a [`JoinedScan`] joins a column's values with: the unit separator, a control character
+/// the store writes in no text.
+const JOINED_SEP: u8 = 0x1f;
+
+/// A table read in chunks of rows by a key, each chunk's columns joined by the database into
+/// one text per column: through the driver, each row costs far more than the database's
+/// work (a million DIDs one row at a time took three seconds; joined, under one). A column's
+/// NULL reads as `''`: only for columns where the schema refuses `''`. A chunk that does not
+/// split back into its rows (a value holding the separator, which SQLite does not refuse from
+/// other programs), holds a blob (SQLite's columns may) or whose values do not read back is
+/// read again row by row by the caller: the result is the rows' as the row-by-row query
+/// gives them, errors included.
+struct JoinedScan {
+    sql: String,
+    /// The same columns of the rows of a chunk, `$1` and `$2` its bounds, one row each.
+    rows_sql: String,
+    columns: usize,
+    chunk: i64,
+}
+
+impl JoinedScan {
+    fn new(backend: Backend, table: &str, key: &str, columns: &[&str], chunk: i64) -> JoinedScan {
+        let joined: Vec<String> = columns
+            .iter()
+            .map(|c| match backend {
+                // SQLite steps every aggregate of a query on each row in turn: the lists are
+                // in the same order.
+                Backend::Sqlite => format!("group_concat(ifnull({c}, ''), char(31))"),
+                Backend::Postgres => {
+                    format!("string_agg(coalesce({c}::text, ''), chr(31) ORDER BY {key})")
+                }
+            })
+            .collect();
+        let blobs = match backend {
+            Backend::Sqlite => {
+                let each: Vec<_> = columns
+                    .iter()
+                    .map(|c| format!("typeof({c}) = 'blob'"))
+                    .collect();
+                format!("total({})", each.join(" OR "))
+            }
+            Backend::Postgres => "0.0::float8".to_owned(),
+        };
+        let count = columns.len();
+        let columns = columns.join(", ");
+        let inner = if columns.split(", ").any(|c| c == key) {
+            columns.clone()
+        } else {
+            format!("{key}, {columns}")
+        };
+        let sql = format!(
+            "SELECT max({key}), count(*), {blobs}, {} FROM (SELECT {inner} FROM {table} \
+             WHERE {key} > $1 ORDER BY {key} LIMIT $2) AS chunk",
+            joined.join(", "),
+        );
+        let rows_sql = format!("SELECT {columns} FROM {table} WHERE {key} > $1 AND {key} <= $2");
+        JoinedScan {
+            sql,
+            rows_sql,
+            columns: count,
+            chunk,
+        }
+    }
+
+    /// The chunk after key `after`: its last key, its number of rows and each column's joined
+    /// values (none if it holds a blob); `None` past the last row.
+    async fn next<K>(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        after: &K,
+    ) -> Result<Option<(K, usize, Vec<String>)>, sqlx::Error>
+    where
+        K: Clone + Send + for<'r> sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
+        K: for<'q> sqlx::Encode<'q, sqlx::Any> + 'static,
+    {
+        use sqlx::Row;
+        let row = sqlx::query(&self.sql)
+            .bind(after.clone())
+            .bind(self.chunk)
+            .fetch_one(&mut **tx)
+            .await?;
+        let Some(last) = row.try_get::<Option<K>, _>(0)? else {
+            return Ok(None);
+        };
+        let count: i64 = row.try_get(1)?;
+        let blobs: f64 = row.try_get(2)?;
+        let lists = if blobs == 0.0 {
+            (3..row.len())
+                .map(|i| {
+                    row.try_get::<Option<String>, _>(i)
+                        .map(Option::unwrap_or_default)
+                })
+                .collect::<Result<_, _>>()?
+        } else {
+            Vec::new()
+        };
+        Ok(Some((last, usize::try_from(count).unwrap_or(0), lists)))
+    }
+
+    /// Each column's values of a chunk, if there is every column and each splits back into
+    /// `count` values.
+    fn split<'a>(
+        &self,
+        lists: &'a [String],
+        count: usize,
+    ) -> Option<Vec<std::str::Split<'a, char>>> {
+        let splits = |list: &String| memchr::memchr_iter(JOINED_SEP, list.as_bytes()).count() + 1;
+        if count == 0 || lists.len() != self.columns || lists.iter().any(|l| splits(l) != count) {
+            return None;
+        }
+        Some(
+            lists
+                .iter()
+                .map(|l| l.split(char::from(JOINED_SEP)))
+                .collect(),
+        )
+    }
+}
+
+/// [`Store::scan_dids`] by `key` (SQLite's rowid, or PostgreSQL's primary key, the number).
+async fn scan_dids_by<K>(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    scan: JoinedScan,
+    mut after: K,
+    each: &mut impl FnMut(&str, TrunkGroupId, Option<&str>),
+) -> Result<(), sqlx::Error>
+where
+    K: Clone + Send + Sync + for<'r> sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
+    K: for<'q> sqlx::Encode<'q, sqlx::Any> + 'static,
+{
+    let mut groups = Vec::new();
+    while let Some((last, count, lists)) = scan.next(tx, &after).await? {
+        // The trunk group ids first: no DID is passed on from a chunk that does not read back.
+        let split = scan.split(&lists, count).and_then(|values| {
+            let [numbers, ids, failovers]: [_; 3] = values.try_into().ok()?;
+            groups.clear();
+            for id in ids {
+                groups.push(id.parse::<TrunkGroupId>().ok()?);
+            }
+            Some((numbers, failovers))
+        });
+        match split {
+            Some((numbers, failovers)) => {
+                for ((number, &group), failover) in numbers.zip(&groups).zip(failovers) {
+                    each(number, group, (!failover.is_empty()).then_some(failover));
+                }
+            }
+            None => {
+                let rows: Vec<(String, TrunkGroupId, Option<String>)> =
+                    sqlx::query_as(&scan.rows_sql)
+                        .bind(after.clone())
+                        .bind(last.clone())
+                        .fetch_all(&mut **tx)
+                        .await?;
+                for (number, group, failover) in &rows {
+                    each(number.as_str(), *group, failover.as_deref());
+                }
+            }
+        }
+        after = last;
+    }
+    Ok(())
+}
+
+/// A trunk group from the text of its columns (in the order of `select_trunk_groups!`), as the
+/// row would decode; `None` if it would not (then the row is read as a row).
+fn trunk_group_from_text(f: [&str; 11]) -> Option<TrunkGroup> {
+    let text = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    let failover_pbx = match (text(f[9]), f[10]) {
+        (None, "") => None,
+        (Some(uri), "") => Some(FailoverPbx::Uri(uri)),
+        (None, id) => Some(FailoverPbx::TrunkGroup(id.parse().ok()?)),
+        (Some(_), _) => return None,
+    };
+    Some(TrunkGroup {
+        id: f[0].parse().ok()?,
+        account_id: f[1].parse().ok()?,
+        name: f[2].to_owned(),
+        username: f[3].to_owned(),
+        realm: f[4].to_owned(),
+        ha1_md5: f[5].to_owned(),
+        ha1_sha256: f[6].to_owned(),
+        created_at: f[7].parse().ok()?,
+        failover_number: text(f[8]),
+        failover_pbx,
+    })
+}
+
 /// Runs `query` in a savepoint of `tx` and returns its result: a failed statement is undone
 /// alone and the transaction goes on (PostgreSQL would otherwise refuse every later statement
 /// of the transaction). The outer error is the savepoint's own failure.
@@ -1105,6 +1302,19 @@ impl Store {
         }
     }
 
+    /// A read-only transaction that sees one snapshot throughout: SQLite's read
+    /// transactions do; PostgreSQL's READ COMMITTED does not.
+    async fn begin_snapshot(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.backend {
+            Backend::Sqlite => self.pool.begin().await,
+            Backend::Postgres => {
+                self.pool
+                    .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    .await
+            }
+        }
+    }
+
     /// A counter that moves with every change to accounts, trunk groups or DIDs, made by
     /// this process or another. One indexed row: cheap enough to poll every second.
     pub async fn config_version(&self) -> Result<i64, StoreError> {
@@ -1289,6 +1499,56 @@ impl Store {
         .bind(account_id)
         .fetch_all(&self.pool)
         .await?;
+        Ok(groups)
+    }
+
+    /// Every trunk group, in no particular order, from one snapshot: what the routing copy
+    /// needs ([`crate::carrier::customers::Customers::load`]). The same as
+    /// `list_trunk_groups(None)`, cheaper for many rows (see [`JoinedScan`]).
+    pub async fn scan_trunk_groups(&self) -> Result<Vec<TrunkGroup>, StoreError> {
+        self.scan_trunk_groups_in_chunks(TRUNK_GROUP_CHUNK).await
+    }
+
+    async fn scan_trunk_groups_in_chunks(&self, chunk: i64) -> Result<Vec<TrunkGroup>, StoreError> {
+        const COLUMNS: [&str; 11] = [
+            "id",
+            "account_id",
+            "name",
+            "username",
+            "realm",
+            "ha1_md5",
+            "ha1_sha256",
+            "created_at",
+            "failover_number",
+            "failover_pbx_uri",
+            "failover_pbx_trunk_group",
+        ];
+        let mut tx = self.begin_snapshot().await?;
+        let scan = JoinedScan::new(self.backend, "trunk_groups", "id", &COLUMNS, chunk);
+        let mut groups = Vec::new();
+        let mut after = i64::MIN;
+        while let Some((last, count, lists)) = scan.next(&mut tx, &after).await? {
+            let before = groups.len();
+            let parsed = scan.split(&lists, count).and_then(|mut values| {
+                (0..count).try_for_each(|_| {
+                    let fields: [&str; 11] =
+                        std::array::from_fn(|i| values[i].next().unwrap_or(""));
+                    groups.push(trunk_group_from_text(fields)?);
+                    Some(())
+                })
+            });
+            if parsed.is_none() {
+                groups.truncate(before);
+                let rows: Vec<TrunkGroup> = sqlx::query_as(&scan.rows_sql)
+                    .bind(after)
+                    .bind(last)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                groups.extend(rows);
+            }
+            after = last;
+        }
+        tx.commit().await?;
         Ok(groups)
     }
 
@@ -1530,6 +1790,40 @@ impl Store {
         Ok(dids)
     }
 
+    /// Calls `each(number, trunk group, own failover number)` for every DID, in no particular
+    /// order, from one snapshot: what the routing copy needs
+    /// ([`crate::carrier::customers::Customers::load`]). Cheaper than [`Store::list_dids`]
+    /// for many rows (see [`JoinedScan`]), and no row is kept once read.
+    pub async fn scan_dids(
+        &self,
+        each: impl FnMut(&str, TrunkGroupId, Option<&str>),
+    ) -> Result<(), StoreError> {
+        self.scan_dids_in_chunks(DID_CHUNK, each).await
+    }
+
+    async fn scan_dids_in_chunks(
+        &self,
+        chunk: i64,
+        mut each: impl FnMut(&str, TrunkGroupId, Option<&str>),
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_snapshot().await?;
+        let columns = ["number", "trunk_group_id", "failover_number"];
+        match self.backend {
+            // By rowid: each chunk is a seek in the table itself (by number, each row would
+            // cost a look-up from the index).
+            Backend::Sqlite => {
+                let scan = JoinedScan::new(self.backend, "dids", "rowid", &columns, chunk);
+                scan_dids_by(&mut tx, scan, i64::MIN, &mut each).await?;
+            }
+            Backend::Postgres => {
+                let scan = JoinedScan::new(self.backend, "dids", "number", &columns, chunk);
+                scan_dids_by(&mut tx, scan, String::new(), &mut each).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Sets (`Some`) or clears (`None`) a DID's own failover number; both numbers may be given
     /// with or without the `+`, and must differ. Returns the failover number as stored.
     pub async fn set_did_failover_number(
@@ -1717,15 +2011,7 @@ impl Store {
         &self,
         trunk_group: TrunkGroupId,
     ) -> Result<FailoverSettings, StoreError> {
-        // One snapshot: SQLite's read transactions are; PostgreSQL's READ COMMITTED is not.
-        let mut tx = match self.backend {
-            Backend::Sqlite => self.pool.begin().await?,
-            Backend::Postgres => {
-                self.pool
-                    .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                    .await?
-            }
-        };
+        let mut tx = self.begin_snapshot().await?;
         let Some(group) = sqlx::query_as::<_, TrunkGroup>(select_trunk_groups!("WHERE id = $1"))
             .bind(trunk_group)
             .fetch_optional(&mut *tx)
@@ -1984,17 +2270,22 @@ impl Store {
             .bind(server)
             .execute(&mut *tx)
             .await?;
-        for &(group, contacts) in groups.iter().filter(|(_, n)| *n > 0) {
-            sqlx::query(
-                "INSERT INTO presence (server, trunk_group_id, contacts, updated_at_ms) \
-                 VALUES ($1, $2, $3, $4)",
-            )
-            .bind(server)
-            .bind(group)
-            .bind(contacts as i64)
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await?;
+        // Many rows per statement: one statement per row costs a round trip each, and a
+        // server with 100 000 trunk groups held the write lock for seconds.
+        let rows: Vec<_> = groups.iter().filter(|(_, n)| *n > 0).collect();
+        for chunk in rows.chunks(PRESENCE_CHUNK) {
+            let mut sql = String::from(
+                "INSERT INTO presence (server, trunk_group_id, contacts, updated_at_ms) VALUES ",
+            );
+            for i in 0..chunk.len() {
+                let sep = if i == 0 { "" } else { ", " };
+                sql.push_str(&format!("{sep}($1, ${}, ${}, $2)", 3 + 2 * i, 4 + 2 * i));
+            }
+            let mut query = sqlx::query(&sql).bind(server).bind(now_ms);
+            for &&(group, contacts) in chunk {
+                query = query.bind(group).bind(contacts as i64);
+            }
+            query.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -2652,6 +2943,229 @@ mod tests {
             store.remove_did("12").await,
             Err(StoreError::InvalidNumber { .. })
         ));
+    }
+
+    /// Every DID as `scan_dids` reports it, in a chunk size of `chunk`, sorted.
+    async fn scanned(store: &Store, chunk: i64) -> Vec<(String, TrunkGroupId, Option<String>)> {
+        let mut got = Vec::new();
+        store
+            .scan_dids_in_chunks(chunk, |n, g, f| {
+                got.push((n.to_owned(), g, f.map(Into::into)))
+            })
+            .await
+            .unwrap();
+        got.sort();
+        got
+    }
+
+    /// Every DID as `list_dids` gives it.
+    async fn listed(store: &Store) -> Vec<(String, TrunkGroupId, Option<String>)> {
+        let dids = store.list_dids(None).await.unwrap();
+        let mut all: Vec<_> = (dids.into_iter())
+            .map(|d| (d.number, d.trunk_group_id, d.failover_number))
+            .collect();
+        all.sort();
+        all
+    }
+
+    #[tokio::test]
+    async fn scanning_dids_in_chunks_gives_every_one_once() {
+        let (_dir, store, acme, main) = seeded().await;
+        assert!(scanned(&store, 2).await.is_empty());
+        let backup = store
+            .create_trunk_group(acme.id, "backup", "acme-backup", "pw", REALM)
+            .await
+            .unwrap();
+        for i in 0..7 {
+            let group = if i % 3 == 0 { backup.id } else { main.id };
+            store
+                .create_did(&format!("+4420712345{i:02}"), group)
+                .await
+                .unwrap();
+        }
+        store
+            .set_did_failover_number("+442071234501", Some("+15550001111"))
+            .await
+            .unwrap();
+        store
+            .set_did_failover_number("+442071234506", Some("15550002222"))
+            .await
+            .unwrap();
+        let all = listed(&store).await;
+        assert_eq!(all.len(), 7);
+        assert_eq!(all[1].2.as_deref(), Some("+15550001111"));
+        for chunk in [1, 2, 3, 7, 100] {
+            assert_eq!(scanned(&store, chunk).await, all, "chunks of {chunk}");
+        }
+        assert_eq!(scanned(&store, DID_CHUNK).await, all);
+    }
+
+    #[tokio::test]
+    async fn scanning_dids_reads_rows_that_do_not_split_one_by_one() {
+        let (_dir, store, _acme, main) = seeded().await;
+        if store.backend() != Backend::Sqlite {
+            // PostgreSQL's checks refuse such numbers.
+            return;
+        }
+        for i in 0..5 {
+            store
+                .create_did(&format!("+4420712345{i:02}"), main.id)
+                .await
+                .unwrap();
+        }
+        // SQLite's checks only look at the start; another program may write these.
+        for (number, failover) in [
+            ("+1,5", None),
+            ("+15551230000", Some("+1,2,3")),
+            ("+9 abc", Some("+16665550000")),
+        ] {
+            sqlx::query(
+                "INSERT INTO dids (number, trunk_group_id, created_at, failover_number) \
+                 VALUES ($1, $2, 0, $3)",
+            )
+            .bind(number)
+            .bind(main.id)
+            .bind(failover)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        }
+        let all = listed(&store).await;
+        assert_eq!(all.len(), 8);
+        for chunk in [1, 2, 3, 100] {
+            assert_eq!(scanned(&store, chunk).await, all, "chunks of {chunk}");
+        }
+        // A blob (SQLite's text checks let one through): as the rows read, or fail.
+        sqlx::query(
+            "UPDATE dids SET failover_number = CAST('+15550009999' AS BLOB) \
+             WHERE number = '+442071234502'",
+        )
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        let listed = store.list_dids(None).await.map(|d| d.len());
+        for chunk in [1, 2, 100] {
+            let mut n = 0;
+            let scanned = store.scan_dids_in_chunks(chunk, |_, _, _| n += 1).await;
+            assert_eq!(scanned.map(|()| n).ok(), listed.as_ref().ok().copied());
+        }
+    }
+
+    #[tokio::test]
+    async fn scanning_trunk_groups_gives_what_listing_them_does() {
+        let (_dir, store, acme, main) = seeded().await;
+        let scanned = async |store: &Store, chunk| {
+            let mut groups = store.scan_trunk_groups_in_chunks(chunk).await.unwrap();
+            groups.sort_by_key(|g| g.id);
+            groups
+        };
+        let globex = store.create_account("Globex").await.unwrap();
+        let mut ids = vec![main.id];
+        for (account, name) in [(acme.id, "b"), (globex.id, "c, d"), (acme.id, "e")] {
+            let username = format!("user-{}", name.len() + ids.len());
+            let g = store
+                .create_trunk_group(account, name, &username, "pw", REALM)
+                .await
+                .unwrap();
+            ids.push(g.id);
+        }
+        store
+            .set_trunk_group_failover_number(ids[1], Some("+15550002222"))
+            .await
+            .unwrap();
+        store
+            .set_trunk_group_failover_pbx(ids[1], Some(&FailoverPbx::TrunkGroup(ids[0])))
+            .await
+            .unwrap();
+        store
+            .set_trunk_group_failover_pbx(
+                ids[2],
+                Some(&FailoverPbx::Uri("sip:backup.example.com:5070".into())),
+            )
+            .await
+            .unwrap();
+        let all = store.list_trunk_groups(None).await.unwrap();
+        assert_eq!(all.len(), 4);
+        assert!(all[1].failover_pbx.is_some() && all[2].failover_pbx.is_some());
+        for chunk in [1, 2, 3, 100, TRUNK_GROUP_CHUNK] {
+            assert_eq!(scanned(&store, chunk).await, all, "chunks of {chunk}");
+        }
+        if store.backend() == Backend::Sqlite {
+            // Another program's text with the separator in it: that chunk is read row by row.
+            sqlx::query("UPDATE trunk_groups SET name = $1, realm = '' WHERE id = $2")
+                .bind("odd\u{1f}name")
+                .bind(ids[2])
+                .execute(&store.pool)
+                .await
+                .unwrap();
+            let all = store.list_trunk_groups(None).await.unwrap();
+            assert_eq!(all[2].name, "odd\u{1f}name");
+            for chunk in [1, 2, 3, 100] {
+                assert_eq!(scanned(&store, chunk).await, all, "chunks of {chunk}");
+            }
+            // A blob: as the rows read, or fail.
+            sqlx::query("UPDATE trunk_groups SET realm = CAST('r' AS BLOB) WHERE id = $1")
+                .bind(ids[1])
+                .execute(&store.pool)
+                .await
+                .unwrap();
+            let listed = store.list_trunk_groups(None).await.ok();
+            for chunk in [1, 2, 100] {
+                let got = store.scan_trunk_groups_in_chunks(chunk).await.ok();
+                let got = got.map(|mut g| {
+                    g.sort_by_key(|g| g.id);
+                    g
+                });
+                assert_eq!(got, listed, "chunks of {chunk}");
+            }
+            sqlx::query("UPDATE trunk_groups SET realm = 'r' WHERE id = $1")
+                .bind(ids[1])
+                .execute(&store.pool)
+                .await
+                .unwrap();
+        }
+        store.remove_trunk_group(ids[3]).await.unwrap();
+        let all = store.list_trunk_groups(None).await.unwrap();
+        assert_eq!(scanned(&store, 2).await, all);
+    }
+
+    #[tokio::test]
+    async fn presence_is_reset_in_one_transaction_of_many_rows() {
+        let (_dir, store) = open().await;
+        store.set_presence("trunk1", 6, 1, 10).await.unwrap();
+        store.set_presence("trunk2", 6, 2, 10).await.unwrap();
+        let groups: Vec<(TrunkGroupId, usize)> =
+            (1..=1201).map(|g| (g, (g % 3) as usize)).collect();
+        store.reset_presence("trunk1", &groups, 20).await.unwrap();
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM presence WHERE server = $1")
+            .bind("trunk1")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(rows, 801, "groups with no contacts have no row");
+        assert_eq!(
+            store.presence(6).await.unwrap(),
+            [("trunk2".to_string(), 2, 10)],
+            "0 contacts: trunk1's row is gone, trunk2's stays"
+        );
+        assert_eq!(
+            store.presence(1201).await.unwrap(),
+            [("trunk1".to_string(), 1, 20)]
+        );
+        assert_eq!(
+            store.presence(1000).await.unwrap(),
+            [("trunk1".to_string(), 1, 20)]
+        );
+        assert_eq!(
+            store.presence(2).await.unwrap(),
+            [("trunk1".to_string(), 2, 20)]
+        );
+        store.reset_presence("trunk1", &[(7, 3)], 30).await.unwrap();
+        assert_eq!(store.presence(1201).await.unwrap(), []);
+        assert_eq!(
+            store.presence(7).await.unwrap(),
+            [("trunk1".to_string(), 3, 30)]
+        );
     }
 
     #[tokio::test]
