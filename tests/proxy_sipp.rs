@@ -278,119 +278,54 @@ fn only_binding_answers_503_caller_gets_500() {
     assert!(delivery_line(&log).contains("status=500"), "{log}");
 }
 
-/// A 2xx the PBX retransmits (the caller's ACK was slow) after the caller already has its
-/// answer still reaches the caller (RFC 6026), though the call's own state is forgotten once
-/// it was answered. Caller and PBX are plain UDP sockets of the test.
-#[test]
-fn a_2xx_retransmitted_after_the_answer_still_reaches_the_caller() {
-    use std::net::UdpSocket;
-    let (ip, caller_ip, pbx_ip) = ("127.0.80.1", "127.0.80.2", "127.0.80.3");
-    let carrier = carrier(ip, caller_ip, "pbx80");
-    register_pbx(&carrier, pbx_ip, "pbx80");
-    let pbx = UdpSocket::bind((pbx_ip, PBX_PORT)).unwrap();
-    let caller = UdpSocket::bind((caller_ip, 0)).unwrap();
-    for s in [&pbx, &caller] {
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    }
-    let me = caller.local_addr().unwrap();
-    let invite = format!(
-        "INVITE sip:{DID}@{ip} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-rt2xx;rport\r\n\
-         Max-Forwards: 70\r\nFrom: <sip:+15557770000@{caller_ip}>;tag=c1\r\n\
-         To: <sip:{DID}@{ip}>\r\nCall-ID: rt2xx@{caller_ip}\r\nCSeq: 1 INVITE\r\n\
-         Contact: <sip:caller@{me}>\r\nContent-Length: 0\r\n\r\n"
-    );
-    caller
-        .send_to(invite.as_bytes(), carrier.addr("udp"))
-        .unwrap();
-    let mut buf = vec![0u8; 65536];
-    // The PBX gets the INVITE and answers 200 (its headers echoed, as a UAS does).
-    let (n, from) = pbx.recv_from(&mut buf).expect("the INVITE reaches the PBX");
-    let got = String::from_utf8_lossy(&buf[..n]).into_owned();
-    assert!(got.starts_with("INVITE "), "{got}");
-    let mut ok = String::from("SIP/2.0 200 OK\r\n");
-    for line in got.lines() {
-        let name = line
-            .split(':')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        if [
-            "via",
-            "v",
-            "from",
-            "f",
-            "call-id",
-            "i",
-            "cseq",
-            "record-route",
-        ]
-        .contains(&name.as_str())
-        {
-            ok.push_str(line);
-            ok.push_str("\r\n");
-        } else if name == "to" || name == "t" {
-            ok.push_str(line);
-            ok.push_str(";tag=pbx1\r\n");
-        }
-    }
-    ok.push_str(&format!(
-        "Contact: <sip:pbx@{pbx_ip}:{PBX_PORT}>\r\nContent-Length: 0\r\n\r\n"
-    ));
-    let mut answers = |what: &str| -> String {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            let Ok((n, _)) = caller.recv_from(&mut buf) else {
-                break;
-            };
-            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-            if text.starts_with("SIP/2.0 200") {
-                return text;
-            }
-        }
-        panic!("{what}: no 200 reached the caller; log:\n{}", carrier.log());
-    };
-    pbx.send_to(ok.as_bytes(), from).unwrap();
-    let first = answers("the answer");
-    assert!(
-        first.contains("tag=pbx1") && first.contains("CSeq: 1 INVITE"),
-        "{first}"
-    );
-    // The caller has its answer: the call is over for the delivery. The PBX, hearing no ACK,
-    // sends its 200 again, and again it reaches the caller, one Via less.
-    wait_for_log(&carrier, "call delivery ended");
-    pbx.send_to(ok.as_bytes(), from).unwrap();
-    let again = answers("the retransmitted answer");
-    assert!(again.contains("tag=pbx1"), "{again}");
-    assert_eq!(again.matches("Via:").count(), 1, "{again}");
+// === Caller and PBX as plain UDP sockets ===
+
+/// A carrier on `net`.1 whose PBX (`net`.3, trunk group `user`) registered with SIPp, and the
+/// caller (`net`.2) and the PBX as plain UDP sockets of the test.
+struct RawCall {
+    carrier: Carrier,
+    caller: std::net::UdpSocket,
+    pbx: std::net::UdpSocket,
 }
 
-/// The caller CANCELs before the PBX said anything: the caller gets its 487 at once, and the
-/// branch, which may not be cancelled before it rings (RFC 3261 §9.1), gets its CANCEL when
-/// the PBX rings later, though the call's own state is forgotten by then.
-#[test]
-fn a_branch_that_rings_after_the_caller_cancelled_gets_its_cancel() {
-    use std::net::UdpSocket;
-    let (ip, caller_ip, pbx_ip) = ("127.0.81.1", "127.0.81.2", "127.0.81.3");
-    let carrier = carrier(ip, caller_ip, "pbx81");
-    register_pbx(&carrier, pbx_ip, "pbx81");
-    let pbx = UdpSocket::bind((pbx_ip, PBX_PORT)).unwrap();
-    let caller = UdpSocket::bind((caller_ip, 0)).unwrap();
-    for s in [&pbx, &caller] {
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+impl RawCall {
+    fn start(net: &str, user: &str) -> RawCall {
+        let (ip, caller_ip, pbx_ip) = (format!("{net}.1"), format!("{net}.2"), format!("{net}.3"));
+        let carrier = carrier(&ip, &caller_ip, user);
+        register_pbx(&carrier, &pbx_ip, user);
+        let pbx = std::net::UdpSocket::bind((pbx_ip.as_str(), PBX_PORT)).unwrap();
+        let caller = std::net::UdpSocket::bind((caller_ip.as_str(), 0)).unwrap();
+        for s in [&pbx, &caller] {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        }
+        RawCall {
+            carrier,
+            caller,
+            pbx,
+        }
     }
-    let me = caller.local_addr().unwrap();
-    let request = |method: &str| {
-        format!(
-            "{method} sip:{DID}@{ip} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-late180\r\n\
-             Max-Forwards: 70\r\nFrom: <sip:+15557770000@{caller_ip}>;tag=c1\r\n\
-             To: <sip:{DID}@{ip}>\r\nCall-ID: late180@{caller_ip}\r\nCSeq: 1 {method}\r\n\
-             Contact: <sip:caller@{me}>\r\nContent-Length: 0\r\n\r\n"
-        )
-    };
-    let mut buf = vec![0u8; 65536];
-    // The first request of `method` that `socket` receives (retransmissions pass by).
-    let mut next = |socket: &UdpSocket, start: &str| -> (String, std::net::SocketAddr) {
+
+    /// Sends the caller's `method` for the call `call_id` (branch `branch`) to the carrier.
+    fn caller_sends(&self, method: &str, call_id: &str, branch: &str) {
+        let me = self.caller.local_addr().unwrap();
+        let to = self.carrier.addr("udp");
+        let text = format!(
+            "{method} sip:{DID}@{} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch={branch};rport\r\n\
+             Max-Forwards: 70\r\nFrom: <sip:+15557770000@{}>;tag=c1\r\n\
+             To: <sip:{DID}@{}>\r\nCall-ID: {call_id}@{}\r\nCSeq: 1 {method}\r\n\
+             Contact: <sip:caller@{me}>\r\nContent-Length: 0\r\n\r\n",
+            to.ip(),
+            me.ip(),
+            to.ip(),
+            me.ip(),
+        );
+        self.caller.send_to(text.as_bytes(), to).unwrap();
+    }
+
+    /// The first message starting with `start` that `socket` receives within 5 s (others,
+    /// such as retransmissions, pass by), and where it came from.
+    fn next(&self, socket: &std::net::UdpSocket, start: &str) -> (String, std::net::SocketAddr) {
+        let mut buf = vec![0u8; 65536];
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             let Ok((n, from)) = socket.recv_from(&mut buf) else {
@@ -401,37 +336,84 @@ fn a_branch_that_rings_after_the_caller_cancelled_gets_its_cancel() {
                 return (text, from);
             }
         }
-        panic!("no {start} came; log:\n{}", carrier.log());
-    };
-    caller
-        .send_to(request("INVITE").as_bytes(), carrier.addr("udp"))
-        .unwrap();
-    let (invite, from) = next(&pbx, "INVITE ");
-    caller
-        .send_to(request("CANCEL").as_bytes(), carrier.addr("udp"))
-        .unwrap();
-    next(&caller, "SIP/2.0 487");
-    wait_for_log(&carrier, "call delivery ended");
-    // Now the PBX rings: 180 for the INVITE it got, its headers echoed.
-    let mut ringing = String::from("SIP/2.0 180 Ringing\r\n");
-    for line in invite.lines() {
+        panic!("no {start} came; log:\n{}", self.carrier.log());
+    }
+}
+
+/// The PBX's response to `request`, as a UAS builds it: `status` ("200 OK"), Via, From,
+/// Call-ID, CSeq (and Record-Route with `contact`) echoed, To with the tag `pbx1`.
+fn pbx_response(request: &str, status: &str, contact: Option<&str>) -> String {
+    let mut echoed = vec!["via", "v", "from", "f", "call-id", "i", "cseq"];
+    if contact.is_some() {
+        echoed.push("record-route");
+    }
+    let mut out = format!("SIP/2.0 {status}\r\n");
+    for line in request.lines() {
         let name = line
             .split(':')
             .next()
             .unwrap_or("")
             .trim()
             .to_ascii_lowercase();
-        if ["via", "v", "from", "f", "call-id", "i", "cseq"].contains(&name.as_str()) {
-            ringing.push_str(line);
-            ringing.push_str("\r\n");
+        if echoed.contains(&name.as_str()) {
+            out.push_str(line);
+            out.push_str("\r\n");
         } else if name == "to" || name == "t" {
-            ringing.push_str(line);
-            ringing.push_str(";tag=pbx1\r\n");
+            out.push_str(line);
+            out.push_str(";tag=pbx1\r\n");
         }
     }
-    ringing.push_str("Content-Length: 0\r\n\r\n");
-    pbx.send_to(ringing.as_bytes(), from).unwrap();
-    let (cancel, _) = next(&pbx, "CANCEL ");
+    if let Some(contact) = contact {
+        out.push_str(&format!("Contact: <{contact}>\r\n"));
+    }
+    out.push_str("Content-Length: 0\r\n\r\n");
+    out
+}
+
+/// A 2xx the PBX retransmits (the caller's ACK was slow) after the caller already has its
+/// answer still reaches the caller (RFC 6026), though the call's own state is forgotten once
+/// it was answered.
+#[test]
+fn a_2xx_retransmitted_after_the_answer_still_reaches_the_caller() {
+    let t = RawCall::start("127.0.80", "pbx80");
+    t.caller_sends("INVITE", "rt2xx", "z9hG4bK-rt2xx");
+    // The PBX gets the INVITE and answers 200 (its headers echoed, as a UAS does).
+    let (invite, from) = t.next(&t.pbx, "INVITE ");
+    let ok = pbx_response(
+        &invite,
+        "200 OK",
+        Some(&format!("sip:pbx@127.0.80.3:{PBX_PORT}")),
+    );
+    t.pbx.send_to(ok.as_bytes(), from).unwrap();
+    let (first, _) = t.next(&t.caller, "SIP/2.0 200");
+    assert!(
+        first.contains("tag=pbx1") && first.contains("CSeq: 1 INVITE"),
+        "{first}"
+    );
+    // The caller has its answer: the call is over for the delivery. The PBX, hearing no ACK,
+    // sends its 200 again, and again it reaches the caller, one Via less.
+    wait_for_log(&t.carrier, "call delivery ended");
+    t.pbx.send_to(ok.as_bytes(), from).unwrap();
+    let (again, _) = t.next(&t.caller, "SIP/2.0 200");
+    assert!(again.contains("tag=pbx1"), "{again}");
+    assert_eq!(again.matches("Via:").count(), 1, "{again}");
+}
+
+/// The caller CANCELs before the PBX said anything: the caller gets its 487 at once, and the
+/// branch, which may not be cancelled before it rings (RFC 3261 §9.1), gets its CANCEL when
+/// the PBX rings later, though the call's own state is forgotten by then.
+#[test]
+fn a_branch_that_rings_after_the_caller_cancelled_gets_its_cancel() {
+    let t = RawCall::start("127.0.81", "pbx81");
+    t.caller_sends("INVITE", "late180", "z9hG4bK-late180");
+    let (invite, from) = t.next(&t.pbx, "INVITE ");
+    t.caller_sends("CANCEL", "late180", "z9hG4bK-late180");
+    t.next(&t.caller, "SIP/2.0 487");
+    wait_for_log(&t.carrier, "call delivery ended");
+    // Now the PBX rings: 180 for the INVITE it got, its headers echoed.
+    let ringing = pbx_response(&invite, "180 Ringing", None);
+    t.pbx.send_to(ringing.as_bytes(), from).unwrap();
+    let (cancel, _) = t.next(&t.pbx, "CANCEL ");
     let branch = |text: &str| {
         text.lines()
             .find(|l| l.starts_with("Via:"))

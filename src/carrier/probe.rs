@@ -126,8 +126,6 @@ pub struct Prober {
     tokens: f64,
     refilled: Option<Instant>,
     clients: HashMap<ClientId, Key>,
-    /// When `clients` was last cleared of transactions that ended unreported.
-    swept: Option<Instant>,
     /// The earliest deadline, as of the last tick (the service loop asks for it on every turn:
     /// it must not cost a walk over every binding).
     next_tick: Option<Instant>,
@@ -154,9 +152,14 @@ impl Prober {
             tokens: 0.0,
             refilled: None,
             clients: HashMap::new(),
-            swept: None,
             next_tick: None,
         }
+    }
+
+    /// A client transaction ended (see `Transactions::poll_ended`): a probe of ours that ended
+    /// unreported is forgotten here too.
+    pub fn client_ended(&mut self, id: ClientId) {
+        self.clients.remove(&id);
     }
 
     /// Whether the binding of `trunk_group` for `contact` is failing its probes.
@@ -241,10 +244,6 @@ impl Prober {
             }
         }
 
-        if self.swept.is_none_or(|t| now >= t + interval) {
-            self.swept = Some(now);
-            self.clients.retain(|id, _| tx.client(*id).is_some());
-        }
         let paced = (!self.waiting.is_empty()).then(|| {
             let wait = Duration::from_secs_f64((1.0 - self.tokens).max(0.0) / rate);
             now + wait.max(PACE_STEP)
@@ -518,7 +517,7 @@ mod tests {
     use super::*;
     use crate::carrier::bindings::{Binding, BindingFlow, BindingStore};
     use crate::carrier::registrar::RegistrarConfig;
-    use crate::sip::digest::{Algorithm, Authenticator};
+    use crate::sip::digest::Authenticator;
     use crate::sip::transaction::TimerConfig;
     use crate::sip::transport::Transport;
 
@@ -549,17 +548,7 @@ mod tests {
         let (store, _) = BindingStore::open(dir.path(), Duration::from_secs(3600), 0)
             .await
             .unwrap();
-        let config = RegistrarConfig {
-            realm: "r".into(),
-            default_expires: 3600,
-            min_expires: 60,
-            max_expires: 7200,
-            max_contacts: 10,
-            algorithms: vec![Algorithm::Md5],
-            auth_failures_allowed: 3,
-            auth_failure_window: Duration::from_secs(60),
-            auth_throttle: Duration::from_secs(30),
-        };
+        let config = RegistrarConfig::for_tests();
         let loaded = (1..=groups).map(|g| binding(g, 1)).collect();
         let auth = Authenticator::new(Duration::from_secs(60));
         (dir, Registrar::new(config, auth, store, loaded))

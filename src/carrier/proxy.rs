@@ -273,15 +273,19 @@ enum Role {
     Relay { server: ServerId },
     /// A CANCEL the proxy sent: its answer matters to no one.
     Cancel,
-    /// A branch still alive after its call's caller got the final answer: the call itself is
-    /// forgotten, but a 2xx is still relayed (RFC 6026) and a CANCEL still follows a ring.
-    Settled {
-        server: ServerId,
-        reply_to: Flow,
-        /// The branch went to a customer's PBX: its P-Asserted-Identity is not passed on.
-        untrusted: bool,
-        cancel_pending: bool,
-    },
+    /// A branch still alive after its call's caller got the final answer.
+    Settled(Settled),
+}
+
+/// What is left of a call for a branch that outlives it: the call itself is forgotten, but a
+/// 2xx is still relayed (RFC 6026) and a CANCEL still follows a ring.
+#[derive(Debug, Clone, Copy)]
+struct Settled {
+    server: ServerId,
+    reply_to: Flow,
+    /// The branch went to a customer's PBX: its P-Asserted-Identity is not passed on.
+    untrusted: bool,
+    cancel_pending: bool,
 }
 
 /// One inbound call being delivered.
@@ -602,18 +606,7 @@ impl Proxy {
         match role {
             Role::Cancel => {}
             Role::Relay { server } => relay_in_dialog(now, tx, server, event),
-            Role::Settled {
-                server,
-                reply_to,
-                untrusted,
-                cancel_pending,
-            } => self.on_settled_event(
-                now,
-                tx,
-                id,
-                event,
-                (server, reply_to, untrusted, cancel_pending),
-            ),
+            Role::Settled(settled) => self.on_settled_event(now, tx, id, event, settled),
             Role::Branch { call, branch } => {
                 if let Some(c) = self.calls.get_mut(&call) {
                     let span = c.span.clone();
@@ -621,12 +614,7 @@ impl Proxy {
                     let mut current = None;
                     let untrusted = untrusted_branch(c, branch);
                     let (bound, key) = (&self.bound, &self.dialog_key);
-                    let prepare = |m: &mut Message| {
-                        rewrite_record_route(m, bound, key);
-                        if untrusted {
-                            m.remove_headers(&pai_header());
-                        }
-                    };
+                    let prepare = |m: &mut Message| prepare_answer(m, bound, key, untrusted);
                     match event {
                         ClientEvent::Provisional(mut m) => {
                             let status = m.status().unwrap_or(100);
@@ -634,12 +622,7 @@ impl Proxy {
                                 prepare(&mut m);
                             }
                             if c.cancel_pending.remove(&branch) {
-                                match tx.cancel(now, id) {
-                                    Ok(cid) => {
-                                        self.clients.insert(cid, Role::Cancel);
-                                    }
-                                    Err(e) => debug!(error = %e, "CANCEL not sent"),
-                                }
+                                send_cancel(&mut self.clients, now, tx, id);
                             }
                             c.delivery.handle_response(now, branch, status);
                             current = Some(*m);
@@ -664,40 +647,38 @@ impl Proxy {
         true
     }
 
-    /// An event of a branch that outlived its call (see [`Role::Settled`]).
+    /// An event of a branch that outlived its call (see [`Settled`]).
     fn on_settled_event(
         &mut self,
         now: Instant,
         tx: &mut Transactions<Flow>,
         id: ClientId,
         event: ClientEvent,
-        (server, reply_to, untrusted, cancel_pending): (ServerId, Flow, bool, bool),
+        settled: Settled,
     ) {
         match event {
-            ClientEvent::Provisional(_) if cancel_pending => {
-                if let Some(Role::Settled { cancel_pending, .. }) = self.clients.get_mut(&id) {
-                    *cancel_pending = false;
-                }
-                match tx.cancel(now, id) {
-                    Ok(cid) => {
-                        self.clients.insert(cid, Role::Cancel);
-                    }
-                    Err(e) => debug!(error = %e, "CANCEL not sent"),
-                }
+            ClientEvent::Provisional(_) if settled.cancel_pending => {
+                self.clients.insert(
+                    id,
+                    Role::Settled(Settled {
+                        cancel_pending: false,
+                        ..settled
+                    }),
+                );
+                send_cancel(&mut self.clients, now, tx, id);
             }
             ClientEvent::Final(mut m) | ClientEvent::Additional2xx(mut m)
                 if m.status().is_some_and(|s| (200..300).contains(&s)) =>
             {
-                // As Action::RelayAnswer: through the server transaction while it accepts a
-                // 2xx, else statelessly.
-                rewrite_record_route(&mut m, &self.bound, &self.dialog_key);
-                if untrusted {
-                    m.remove_headers(&pai_header());
-                }
-                let m = without_our_via(*m);
-                if tx.respond(server, now, m.clone()).is_err() {
-                    self.transmits.push_back((reply_to, m.to_bytes()));
-                }
+                prepare_answer(&mut m, &self.bound, &self.dialog_key, settled.untrusted);
+                relay_answer(
+                    now,
+                    tx,
+                    &mut self.transmits,
+                    settled.server,
+                    settled.reply_to,
+                    *m,
+                );
             }
             _ => {}
         }
@@ -785,12 +766,9 @@ impl Proxy {
                         continue;
                     };
                     match tx.client(cid).map(|c| c.state()) {
-                        Some(ClientState::Proceeding) => match tx.cancel(now, cid) {
-                            Ok(c) => {
-                                self.clients.insert(c, Role::Cancel);
-                            }
-                            Err(e) => debug!(error = %e, "CANCEL not sent"),
-                        },
+                        Some(ClientState::Proceeding) => {
+                            send_cancel(&mut self.clients, now, tx, cid)
+                        }
                         Some(ClientState::Calling) => {
                             call.cancel_pending.insert(branch);
                         }
@@ -824,13 +802,7 @@ impl Proxy {
                         _ => call.finals.get(&branch).cloned(),
                     };
                     if let Some(m) = m {
-                        // A 2xx after the caller's final answer (RFC 6026): through the server
-                        // transaction while it accepts one, else statelessly, so the caller can
-                        // ACK it and hang up; nobody else would.
-                        let m = without_our_via(m);
-                        if tx.respond(id, now, m.clone()).is_err() {
-                            self.transmits.push_back((call.reply_to, m.to_bytes()));
-                        }
+                        relay_answer(now, tx, &mut self.transmits, id, call.reply_to, m);
                     }
                 }
                 Action::Respond { status, from } => {
@@ -913,24 +885,19 @@ impl Proxy {
                 self.clients.remove(&cid);
                 continue;
             }
-            let settled = Role::Settled {
+            let settled = Settled {
                 server: id,
                 reply_to: call.reply_to,
                 untrusted: untrusted_branch(&call, branch),
                 cancel_pending: call.cancel_pending.contains(&branch),
             };
-            self.clients.insert(cid, settled);
+            self.clients.insert(cid, Role::Settled(settled));
         }
     }
 
     /// A client transaction ended (see [`Transactions::poll_ended`]): forgotten here too.
     pub fn client_ended(&mut self, id: ClientId) {
         self.clients.remove(&id);
-    }
-
-    /// How many client transactions the proxy follows.
-    pub fn clients(&self) -> usize {
-        self.clients.len()
     }
 
     /// Forwards an in-dialog request that named this server in its top Route (RFC 3261 §16.4,
@@ -1051,6 +1018,47 @@ fn relay(now: Instant, tx: &mut Transactions<Flow>, server: ServerId, m: Message
     }
 }
 
+/// A 2xx after the caller's final answer (RFC 6026): through the server transaction while it
+/// accepts one, else statelessly to `reply_to`, so the caller can ACK it and hang up; nobody
+/// else would.
+fn relay_answer(
+    now: Instant,
+    tx: &mut Transactions<Flow>,
+    transmits: &mut VecDeque<(Flow, Bytes)>,
+    server: ServerId,
+    reply_to: Flow,
+    m: Message,
+) {
+    let m = without_our_via(m);
+    if tx.respond(server, now, m.clone()).is_err() {
+        transmits.push_back((reply_to, m.to_bytes()));
+    }
+}
+
+/// A branch's answer made fit for the caller: our Record-Route rewritten, and the
+/// P-Asserted-Identity of an untrusted branch removed.
+fn prepare_answer(m: &mut Message, bound: &[ListenSpec], key: &[u8; 32], untrusted: bool) {
+    rewrite_record_route(m, bound, key);
+    if untrusted {
+        m.remove_headers(&pai_header());
+    }
+}
+
+/// CANCELs INVITE client transaction `id` (the proxy follows the CANCEL as [`Role::Cancel`]).
+fn send_cancel(
+    clients: &mut HashMap<ClientId, Role>,
+    now: Instant,
+    tx: &mut Transactions<Flow>,
+    id: ClientId,
+) {
+    match tx.cancel(now, id) {
+        Ok(cid) => {
+            clients.insert(cid, Role::Cancel);
+        }
+        Err(e) => debug!(error = %e, "CANCEL not sent"),
+    }
+}
+
 fn without_our_via(mut m: Message) -> Message {
     if m.vias().len() > 1 {
         m.pop_via();
@@ -1112,7 +1120,6 @@ pub fn plan_call(
     })
 }
 
-/// The caller has its answer and no branch transaction is left.
 /// A customer's PBX does not assert identities to the caller: only the gateway's and a peer's
 /// answers keep their P-Asserted-Identity.
 fn untrusted_branch(call: &Call, branch: BranchId) -> bool {

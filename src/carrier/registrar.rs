@@ -64,7 +64,6 @@ pub struct Contact {
 /// A live binding, borrowed.
 #[derive(Debug, Clone, Copy)]
 pub struct ContactRef<'a> {
-    pub trunk_group: TrunkGroupId,
     pub uri: &'a SipUri,
     pub binding: &'a Binding,
     pub conn: Option<ConnId>,
@@ -81,11 +80,28 @@ pub struct Registrar {
     presence_changed: Vec<TrunkGroupId>,
     /// Every change to a trunk group's bindings (loaded, registered, refreshed, removed,
     /// expired) takes the next number: the prober follows them ([`Registrar::changes_after`])
-    /// instead of walking every binding.
-    changes: u64,
-    /// Each trunk group's last change, by group and by number.
+    /// instead of walking every binding. Each trunk group's last change, by group and by
+    /// number.
     last_change: HashMap<TrunkGroupId, u64>,
     change_log: BTreeMap<u64, TrunkGroupId>,
+}
+
+#[cfg(test)]
+impl RegistrarConfig {
+    /// Limits for unit tests (the throttle's and the prober's).
+    pub(crate) fn for_tests() -> RegistrarConfig {
+        RegistrarConfig {
+            realm: "r".into(),
+            default_expires: 3600,
+            min_expires: 60,
+            max_expires: 7200,
+            max_contacts: 10,
+            algorithms: vec![Algorithm::Md5],
+            auth_failures_allowed: 3,
+            auth_failure_window: Duration::from_secs(60),
+            auth_throttle: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Wall-clock milliseconds since the Unix epoch (binding expiry survives restarts).
@@ -109,14 +125,12 @@ impl Registrar {
         loaded: Vec<Binding>,
     ) -> Registrar {
         let mut bindings: HashMap<TrunkGroupId, Vec<Entry>> = HashMap::new();
-        let mut groups = Vec::new();
         for binding in loaded {
             let Ok(Uri::Sip(uri)) = Uri::parse(&binding.contact.as_str().into()) else {
                 warn!(contact = %binding.contact, "stored binding with an unusable URI dropped");
                 store.remove(binding.trunk_group, &binding.contact);
                 continue;
             };
-            groups.push(binding.trunk_group);
             // Room for one: a first push would make room for four entries of ~400 bytes, and
             // most groups have one binding.
             bindings
@@ -138,10 +152,10 @@ impl Registrar {
             store,
             throttle: Throttle::default(),
             presence_changed: Vec::new(),
-            changes: 0,
             last_change: HashMap::new(),
             change_log: BTreeMap::new(),
         };
+        let groups: Vec<TrunkGroupId> = registrar.bindings.keys().copied().collect();
         for group in groups {
             registrar.changed(group);
         }
@@ -150,11 +164,15 @@ impl Registrar {
 
     /// Records a change to `group`'s bindings.
     fn changed(&mut self, group: TrunkGroupId) {
-        self.changes += 1;
-        if let Some(old) = self.last_change.insert(group, self.changes) {
+        // Numbers only go up: the next one is taken before an old entry is removed.
+        let n = self
+            .change_log
+            .last_key_value()
+            .map_or(1, |(&last, _)| last + 1);
+        if let Some(old) = self.last_change.insert(group, n) {
             self.change_log.remove(&old);
         }
-        self.change_log.insert(self.changes, group);
+        self.change_log.insert(n, group);
     }
 
     /// Adds or replaces a binding as a REGISTER would, without one (the prober's tests).
@@ -193,8 +211,7 @@ impl Registrar {
             .into_iter()
             .flatten()
             .filter(move |e| e.binding.expires_at_ms > now_ms)
-            .map(move |e| ContactRef {
-                trunk_group,
+            .map(|e| ContactRef {
                 uri: &e.uri,
                 binding: &e.binding,
                 conn: e.conn,
@@ -215,15 +232,11 @@ impl Registrar {
     /// The live bindings of a trunk group, highest q first.
     pub fn contacts(&self, trunk_group: TrunkGroupId, now_ms: i64) -> Vec<Contact> {
         let mut out: Vec<Contact> = self
-            .bindings
-            .get(&trunk_group)
-            .into_iter()
-            .flatten()
-            .filter(|e| e.binding.expires_at_ms > now_ms)
-            .map(|e| Contact {
-                uri: e.uri.clone(),
-                binding: e.binding.clone(),
-                conn: e.conn,
+            .live_contacts(trunk_group, now_ms)
+            .map(|c| Contact {
+                uri: c.uri.clone(),
+                binding: c.binding.clone(),
+                conn: c.conn,
             })
             .collect();
         out.sort_by_key(|c| std::cmp::Reverse(c.binding.q.unwrap_or(1000)));
@@ -815,17 +828,7 @@ mod tests {
 
     #[test]
     fn throttle_counts_per_source_in_a_window() {
-        let config = RegistrarConfig {
-            realm: "r".into(),
-            default_expires: 3600,
-            min_expires: 60,
-            max_expires: 7200,
-            max_contacts: 10,
-            algorithms: vec![Algorithm::Md5],
-            auth_failures_allowed: 3,
-            auth_failure_window: Duration::from_secs(60),
-            auth_throttle: Duration::from_secs(30),
-        };
+        let config = RegistrarConfig::for_tests();
         let mut t = Throttle::default();
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();

@@ -634,6 +634,7 @@ impl Service {
             }
             // After the events: a transaction's last event is handled before it is forgotten.
             while let Some(id) = self.transactions.poll_ended() {
+                self.prober.client_ended(id);
                 self.proxy.client_ended(id);
             }
             let mut failed = Vec::new();

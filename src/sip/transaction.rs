@@ -346,10 +346,10 @@ impl ClientTransaction {
                     .push_back(ClientEvent::Additional2xx(Box::new(response.clone())));
             }
             (Calling | Proceeding, Class::Failure) => {
-                let Some(request) = self.request.take() else {
+                let Some(request) = self.request.as_deref() else {
                     return;
                 };
-                let ack = ack_for(&request, response).to_bytes();
+                let ack = ack_for(request, response).to_bytes();
                 self.forget_request();
                 self.transmits.push_back(ack.clone());
                 self.ack = Some(ack);
