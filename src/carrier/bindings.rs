@@ -42,7 +42,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
 use tracing::{info, warn};
 
-use super::store::{TrunkGroupId, create_private, sqlite_options};
+use super::store::{Backend, Chunk, JoinedScan, TrunkGroupId, create_private, sqlite_options};
 use crate::sip::transport::Transport;
 
 /// The database file inside the data folder.
@@ -518,120 +518,74 @@ async fn write_batch(pool: &SqlitePool, batch: &Pending) -> Result<(), sqlx::Err
 const LOAD_CHUNK: i64 = 10_000;
 
 /// Every column of `bindings`, in the order of [`Row`].
-macro_rules! columns {
-    () => {
-        "trunk_group, contact, contact_params, q, expires_at_ms, call_id, cseq, transport, \
-         remote, local, user_agent, registered_at_ms"
-    };
-}
+const COLUMNS: [&str; 12] = [
+    "trunk_group",
+    "contact",
+    "contact_params",
+    "q",
+    "expires_at_ms",
+    "call_id",
+    "cseq",
+    "transport",
+    "remote",
+    "local",
+    "user_agent",
+    "registered_at_ms",
+];
 
-/// What the load joins a column's values with: the unit separator.
-const SEP: char = '\u{1f}';
-
-/// Every row, ordered by trunk group and contact, from one snapshot. Read in chunks of
-/// `chunk` rows by rowid, each column's values joined by SQLite into one text: one row at a
-/// time, the driver's cost per value took a second for 100 000 bindings. A chunk that does
-/// not read back as text (a value holding [`SEP`], a text column holding a blob, a number
-/// column something else) is read again row by row, as it always was.
+/// Every row, ordered by trunk group and contact, from one snapshot, read in chunks of
+/// `chunk` rows by rowid (see [`JoinedScan`]: one row at a time, the driver's cost per value
+/// took a second for 100 000 bindings).
 async fn load_rows(pool: &SqlitePool, chunk: i64) -> Result<Vec<Row>, sqlx::Error> {
-    use sqlx::Row as _;
-    // A user agent is NULL or text that may be empty: the text gets a leading `=`. Every
-    // other text column is NOT NULL, every number column but q too.
-    const JOINED: &str = concat!(
-        "SELECT max(rowid), count(*), total(typeof(trunk_group) = 'blob' OR ",
-        "typeof(contact) = 'blob' OR typeof(contact_params) = 'blob' OR ",
-        "typeof(q) = 'blob' OR typeof(expires_at_ms) = 'blob' OR typeof(call_id) = 'blob' OR ",
-        "typeof(cseq) = 'blob' OR typeof(transport) = 'blob' OR typeof(remote) = 'blob' OR ",
-        "typeof(local) = 'blob' OR typeof(user_agent) = 'blob' OR ",
-        "typeof(registered_at_ms) = 'blob'), ",
-        "group_concat(trunk_group, char(31)), group_concat(contact, char(31)), ",
-        "group_concat(contact_params, char(31)), group_concat(ifnull(q, ''), char(31)), ",
-        "group_concat(expires_at_ms, char(31)), group_concat(call_id, char(31)), ",
-        "group_concat(cseq, char(31)), group_concat(transport, char(31)), ",
-        "group_concat(remote, char(31)), group_concat(local, char(31)), ",
-        "group_concat(ifnull('=' || user_agent, ''), char(31)), ",
-        "group_concat(registered_at_ms, char(31)) ",
-        "FROM (SELECT rowid, ",
-        columns!(),
-        " FROM bindings WHERE rowid > ?1 ORDER BY rowid LIMIT ?2)"
-    );
-    const ROWS: &str = concat!(
-        "SELECT ",
-        columns!(),
-        " FROM bindings WHERE rowid > ?1 AND rowid <= ?2"
+    // A user agent is NULL or text that may be empty: tagged.
+    let scan = JoinedScan::new(
+        Backend::Sqlite,
+        "bindings",
+        "rowid",
+        &COLUMNS,
+        &["user_agent"],
+        chunk,
     );
     let mut tx = pool.begin().await?;
     let mut rows = Vec::new();
-    let mut after = i64::MIN;
-    loop {
-        let joined = sqlx::query(JOINED)
-            .bind(after)
-            .bind(chunk)
-            .fetch_one(&mut *tx)
-            .await?;
-        let Some(last) = joined.try_get::<Option<i64>, _>(0)? else {
-            break;
-        };
-        let count: i64 = joined.try_get(1)?;
-        let blobs: f64 = joined.try_get(2)?;
-        let lists = (3..15)
-            .map(|i| {
-                joined
-                    .try_get::<Option<String>, _>(i)
-                    .map(Option::unwrap_or_default)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let before = rows.len();
-        if blobs != 0.0 || split_rows(&lists, count, &mut rows).is_none() {
-            rows.truncate(before);
-            let chunk_rows: Vec<Row> = sqlx::query_as(ROWS)
-                .bind(after)
-                .bind(last)
-                .fetch_all(&mut *tx)
-                .await?;
-            rows.extend(chunk_rows);
+    scan.run(&mut tx, i64::MIN, |chunk| match chunk {
+        Chunk::Joined(texts) => {
+            let read: Option<Vec<_>> = texts.map(row_from_text).collect();
+            read.map(|read| rows.extend(read)).is_some()
         }
-        after = last;
-    }
+        Chunk::Rows(r) => {
+            rows.extend(r);
+            true
+        }
+    })
+    .await?;
     tx.commit().await?;
     rows.sort_unstable_by(|a, b| (a.trunk_group, &a.contact).cmp(&(b.trunk_group, &b.contact)));
     Ok(rows)
 }
 
-/// Appends the `count` rows of a joined chunk to `rows`; `None` if a column does not split
-/// into `count` values or a number does not read as one (the caller then drops what was
-/// appended).
-fn split_rows(lists: &[String], count: i64, rows: &mut Vec<Row>) -> Option<()> {
-    let count = usize::try_from(count).ok()?;
-    let splits = |list: &String| list.matches(SEP).count() + 1;
-    if count == 0 || lists.len() != 12 || lists.iter().any(|l| splits(l) != count) {
-        return None;
-    }
-    let mut values: Vec<_> = lists.iter().map(|l| l.split(SEP)).collect();
-    for _ in 0..count {
-        let f: [&str; 12] = std::array::from_fn(|i| values[i].next().unwrap_or(""));
-        rows.push(Row {
-            trunk_group: f[0].parse().ok()?,
-            contact: f[1].to_owned(),
-            contact_params: f[2].to_owned(),
-            q: match f[3] {
-                "" => None,
-                q => Some(q.parse().ok()?),
-            },
-            expires_at_ms: f[4].parse().ok()?,
-            call_id: f[5].to_owned(),
-            cseq: f[6].parse().ok()?,
-            transport: f[7].to_owned(),
-            remote: f[8].to_owned(),
-            local: f[9].to_owned(),
-            user_agent: match f[10] {
-                "" => None,
-                ua => Some(ua.strip_prefix('=')?.to_owned()),
-            },
-            registered_at_ms: f[11].parse().ok()?,
-        });
-    }
-    Some(())
+/// A row from the text of its columns, as it would decode; `None` if it would not.
+fn row_from_text(f: [&str; 12]) -> Option<Row> {
+    Some(Row {
+        trunk_group: f[0].parse().ok()?,
+        contact: f[1].to_owned(),
+        contact_params: f[2].to_owned(),
+        q: match f[3] {
+            "" => None,
+            q => Some(q.parse().ok()?),
+        },
+        expires_at_ms: f[4].parse().ok()?,
+        call_id: f[5].to_owned(),
+        cseq: f[6].parse().ok()?,
+        transport: f[7].to_owned(),
+        remote: f[8].to_owned(),
+        local: f[9].to_owned(),
+        user_agent: match f[10] {
+            "" => None,
+            ua => Some(ua.strip_prefix('=')?.to_owned()),
+        },
+        registered_at_ms: f[11].parse().ok()?,
+    })
 }
 
 /// A row of `bindings` as stored.
@@ -1121,14 +1075,11 @@ mod tests {
         store.flush().await.unwrap();
         let pool = &store.shared.pool;
         let plain = async || -> Vec<Row> {
-            sqlx::query_as(concat!(
-                "SELECT ",
-                columns!(),
-                " FROM bindings ORDER BY trunk_group, contact"
-            ))
-            .fetch_all(pool)
-            .await
-            .unwrap()
+            let sql = format!(
+                "SELECT {} FROM bindings ORDER BY trunk_group, contact",
+                COLUMNS.join(", ")
+            );
+            sqlx::query_as(&sql).fetch_all(pool).await.unwrap()
         };
         let want = plain().await;
         assert_eq!(want.len(), 12);

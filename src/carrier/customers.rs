@@ -160,24 +160,12 @@ enum Text<'a> {
 
 impl DidNumber<'_> {
     fn from_key(key: u64) -> DidNumber<'static> {
-        let mut bytes = [0; 20];
-        let mut digits = [0; 19];
-        let (mut n, mut start) = (key, digits.len());
-        loop {
-            start -= 1;
-            digits[start] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        let len = digits.len() - start;
-        bytes[0] = b'+';
-        bytes[1..=len].copy_from_slice(&digits[start..]);
-        DidNumber(Text::Digits {
-            len: len as u8 + 1,
-            bytes,
-        })
+        use std::io::Write;
+        let mut bytes = [b'+'; 20];
+        let mut rest = &mut bytes[1..];
+        write!(rest, "{key}").expect("a key has at most 19 digits");
+        let len = (20 - rest.len()) as u8;
+        DidNumber(Text::Digits { len, bytes })
     }
 
     pub fn as_str(&self) -> &str {
