@@ -18,7 +18,7 @@ use super::health::{HealthConfig, PbxHealth, PbxState};
 use super::registration::{Action, Registration, RegistrationConfig, State};
 use crate::sip::resolve::{Lookup, SipResolver};
 use crate::sip::transaction::{ClientEvent, ClientId, Event, TimerConfig, Transactions};
-use crate::sip::transport::{Flow, Incoming, SipTransport, Transport, TransportOptions};
+use crate::sip::transport::{Flow, Inbox, Incoming, SipTransport, Transport, TransportOptions};
 
 /// One trunk server's registration, as reported.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -178,11 +178,7 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 impl SipAgent {
-    async fn run(
-        mut self,
-        mut incoming: mpsc::Receiver<Incoming>,
-        mut stop: oneshot::Receiver<()>,
-    ) {
+    async fn run(mut self, mut incoming: Inbox, mut stop: oneshot::Receiver<()>) {
         self.tick(Instant::now());
         loop {
             let tx_deadline = self.transactions.poll_timeout();
@@ -198,7 +194,7 @@ impl SipAgent {
                     Some(Incoming::Message(r)) => match r.message {
                         Ok(msg) if !msg.is_request() => {
                             let now = Instant::now();
-                            if let Some((id, Some(event))) = self.transactions.handle_response(now, &msg) {
+                            if let Ok((id, Some(event))) = self.transactions.handle_response(now, msg) {
                                 self.on_client_event(now, id, event);
                             }
                         }

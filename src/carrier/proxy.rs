@@ -36,7 +36,7 @@ use super::delivery_rule::{
 use super::registrar::Contact;
 use super::registrar::unix_ms;
 use super::store::TrunkGroupId;
-use crate::sip::message::{Header, HeaderName, Message, Via};
+use crate::sip::message::{Header, HeaderName, Message};
 use crate::sip::transaction::{ClientEvent, ClientId, ClientState, ServerId, Transactions};
 use crate::sip::transport::{ConnId, Flow, ListenSpec, Transport};
 use crate::sip::uri::{Host, SipUri, Uri};
@@ -948,7 +948,8 @@ impl Proxy {
             remote,
             conn: None,
         };
-        m.push_via(our_via(Transport::Udp, local));
+        m.push_via_text(our_via(Transport::Udp, local))
+            .expect("our own Via parses");
         info!(
             call_id = %req.call_id(),
             trunk_server = %self.config.name,
@@ -1338,12 +1339,14 @@ fn branch_request(call: &Call, target: &BranchTarget, dialog_key: &[u8; 32]) -> 
             host_port(call.flow.local)
         ),
     ));
-    m.push_via(our_via(target.dest.transport, target.dest.local));
+    m.push_via_text(our_via(target.dest.transport, target.dest.local))
+        .expect("our own Via parses");
     m
 }
 
 /// This server's Via with a fresh branch.
-fn our_via(transport: Transport, local: SocketAddr) -> Via {
+/// A Via of ours with a fresh branch, as text: parsed once, and written as it is.
+fn our_via(transport: Transport, local: SocketAddr) -> ByteString {
     let text = format!(
         "SIP/2.0/{} {};branch=z9hG4bK{:016x}{:08x};rport",
         transport.as_str(),
@@ -1351,11 +1354,11 @@ fn our_via(transport: Transport, local: SocketAddr) -> Via {
         rand::random::<u64>(),
         rand::random::<u32>()
     );
-    Via::parse(&ByteString::from(text)).expect("our own Via parses")
+    ByteString::from(text)
 }
 
 fn host_port(addr: SocketAddr) -> String {
-    addr.to_string()
+    format!("{}:{}", Host::from(addr.ip()), addr.port())
 }
 
 /// The numeric address of a SIP URI (maddr ignored); `None` for a host name.
@@ -1408,11 +1411,11 @@ pub fn dialog_token(key: &[u8; 32], call_id: &str, target: &str) -> String {
 /// absent); empty for other URIs (no request can match it).
 pub fn target_key(uri: Option<&Uri>) -> String {
     match uri.and_then(|u| u.as_sip()) {
-        Some(u) => format!(
-            "{}:{}",
-            u.host.to_string().to_ascii_lowercase(),
-            u.port.unwrap_or(5060)
-        ),
+        Some(u) => {
+            let mut key = format!("{}:{}", u.host, u.port.unwrap_or(5060));
+            key.make_ascii_lowercase();
+            key
+        }
         None => String::new(),
     }
 }

@@ -37,7 +37,7 @@ use crate::sip::message::{Header, HeaderName, Message, Method, ParseError};
 use crate::sip::resolve::{Lookup, SipResolver};
 use crate::sip::transaction::{Event, RequestDisposition, ServerEvent, ServerId, Transactions};
 use crate::sip::transport::{
-    Flow, Incoming, ListenSpec, Received, ReloadableCert, SipTransport, Transport, log_bound,
+    Flow, Inbox, Incoming, ListenSpec, Received, ReloadableCert, SipTransport, Transport, log_bound,
 };
 use crate::sip::uri::Uri;
 
@@ -516,7 +516,7 @@ fn dns_resolver(servers: &[std::net::SocketAddr]) -> Option<SipResolver> {
 impl Service {
     async fn run(
         mut self,
-        mut incoming: mpsc::Receiver<Incoming>,
+        mut incoming: Inbox,
         mut reloads: mpsc::UnboundedReceiver<Settings>,
         mut stop: oneshot::Receiver<()>,
     ) {
@@ -536,13 +536,9 @@ impl Service {
                         // sends go out before the next is handled, so that an ACK relayed
                         // statelessly still leaves before the BYE that followed it.
                         for _ in 1..RECEIVE_BATCH {
-                            match incoming.try_recv() {
-                                Ok(next) => {
-                                    self.flush();
-                                    self.on_incoming(next);
-                                }
-                                Err(_) => break,
-                            }
+                            let Some(next) = incoming.try_recv() else { break };
+                            self.flush();
+                            self.on_incoming(next);
                         }
                     }
                     None => break,
@@ -739,16 +735,16 @@ impl Service {
             Ok(msg) if msg.is_request() => self.on_request(msg, flow),
             Ok(msg) => {
                 let now = Instant::now();
-                match self.transactions.handle_response(now, &msg) {
-                    Some((id, Some(event))) => {
+                match self.transactions.handle_response(now, msg) {
+                    Ok((id, Some(event))) => {
                         if !self.prober.on_client_event(now, id, &event) {
                             self.proxy
                                 .on_client_event(now, &mut self.transactions, id, event);
                         }
                     }
-                    Some((_, None)) => {}
+                    Ok((_, None)) => {}
                     // RFC 3261 §18.1.2: a response matching no transaction is dropped.
-                    None => {
+                    Err(msg) => {
                         debug!(call_id = %msg.call_id(), status = ?msg.status(), "stray response dropped")
                     }
                 }

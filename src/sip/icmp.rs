@@ -113,7 +113,7 @@ pub fn is_pending_error(e: &io::Error) -> bool {
     )
 }
 
-fn socket_addr(s: &SockaddrStorage) -> Option<SocketAddr> {
+pub(crate) fn socket_addr(s: &SockaddrStorage) -> Option<SocketAddr> {
     if let Some(v4) = s.as_sockaddr_in() {
         return Some(SocketAddr::from((v4.ip(), v4.port())));
     }

@@ -8,6 +8,7 @@
 
 use std::fmt::{self, Write as _};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use bytestring::ByteString;
@@ -133,9 +134,13 @@ pub enum HeaderName {
 impl HeaderName {
     /// Maps a header name, case-insensitively, compact forms included (RFC 3261 §7.3.3).
     pub fn parse(name: &ByteString) -> HeaderName {
-        let known = |n: &str| name.eq_ignore_ascii_case(n);
-        if name.len() == 1 {
-            return match name.as_bytes()[0].to_ascii_lowercase() {
+        HeaderName::known(name.as_bytes()).unwrap_or_else(|| HeaderName::Other(name.clone()))
+    }
+
+    /// The header a name denotes, unless it is one this element does not know.
+    fn known(name: &[u8]) -> Option<HeaderName> {
+        if let [c] = name {
+            return Some(match c.to_ascii_lowercase() {
                 b'v' => HeaderName::Via,
                 b'f' => HeaderName::From,
                 b't' => HeaderName::To,
@@ -144,43 +149,45 @@ impl HeaderName {
                 b'l' => HeaderName::ContentLength,
                 b'c' => HeaderName::ContentType,
                 b'k' => HeaderName::Supported,
-                _ => HeaderName::Other(name.clone()),
-            };
+                _ => return None,
+            });
         }
-        const KNOWN: &[(&str, HeaderName)] = &[
-            ("Via", HeaderName::Via),
-            ("From", HeaderName::From),
-            ("To", HeaderName::To),
-            ("Call-ID", HeaderName::CallId),
-            ("CSeq", HeaderName::CSeq),
-            ("Max-Forwards", HeaderName::MaxForwards),
-            ("Contact", HeaderName::Contact),
-            ("Content-Length", HeaderName::ContentLength),
-            ("Content-Type", HeaderName::ContentType),
-            ("Route", HeaderName::Route),
-            ("Record-Route", HeaderName::RecordRoute),
-            ("Expires", HeaderName::Expires),
-            ("Min-Expires", HeaderName::MinExpires),
-            ("Require", HeaderName::Require),
-            ("Proxy-Require", HeaderName::ProxyRequire),
-            ("Supported", HeaderName::Supported),
-            ("Unsupported", HeaderName::Unsupported),
-            ("Allow", HeaderName::Allow),
-            ("Authorization", HeaderName::Authorization),
-            ("Proxy-Authorization", HeaderName::ProxyAuthorization),
-            ("WWW-Authenticate", HeaderName::WwwAuthenticate),
-            ("Proxy-Authenticate", HeaderName::ProxyAuthenticate),
-            ("Server", HeaderName::Server),
-            ("User-Agent", HeaderName::UserAgent),
-            ("Date", HeaderName::Date),
-            ("Retry-After", HeaderName::RetryAfter),
-            ("Timestamp", HeaderName::Timestamp),
-        ];
-        KNOWN
+        // By length first: one or two comparisons per name instead of a walk of them all.
+        let candidates: &[HeaderName] = match name.len() {
+            2 => &[HeaderName::To],
+            3 => &[HeaderName::Via],
+            4 => &[HeaderName::From, HeaderName::CSeq, HeaderName::Date],
+            5 => &[HeaderName::Route, HeaderName::Allow],
+            6 => &[HeaderName::Server],
+            7 => &[
+                HeaderName::CallId,
+                HeaderName::Contact,
+                HeaderName::Expires,
+                HeaderName::Require,
+            ],
+            9 => &[HeaderName::Supported, HeaderName::Timestamp],
+            10 => &[HeaderName::UserAgent],
+            11 => &[
+                HeaderName::MinExpires,
+                HeaderName::Unsupported,
+                HeaderName::RetryAfter,
+            ],
+            12 => &[
+                HeaderName::MaxForwards,
+                HeaderName::RecordRoute,
+                HeaderName::ContentType,
+            ],
+            13 => &[HeaderName::ProxyRequire, HeaderName::Authorization],
+            14 => &[HeaderName::ContentLength],
+            16 => &[HeaderName::WwwAuthenticate],
+            18 => &[HeaderName::ProxyAuthenticate],
+            19 => &[HeaderName::ProxyAuthorization],
+            _ => &[],
+        };
+        candidates
             .iter()
-            .find(|(n, _)| known(n))
-            .map(|(_, h)| h.clone())
-            .unwrap_or_else(|| HeaderName::Other(name.clone()))
+            .find(|h| h.as_str().as_bytes().eq_ignore_ascii_case(name))
+            .cloned()
     }
 
     /// The name written for a header this element creates.
@@ -515,8 +522,16 @@ impl fmt::Write for StrOut<'_> {
 ///
 /// The routing headers are parsed once, on receipt; every header keeps its received bytes so
 /// that a forwarded message changes only what this element edits.
+///
+/// A clone shares the parsed message (transactions keep a copy of what they handle); the first
+/// edit of a shared one copies it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Message {
+pub struct Message(Arc<Parts>);
+
+/// What a [`Message`] holds; only its own methods see inside.
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parts {
     start: StartLine,
     /// The Request-URI as received, written back unless the URI is replaced.
     raw_uri: Option<ByteString>,
@@ -528,6 +543,21 @@ pub struct Message {
     from: NameAddr,
     to: NameAddr,
     max_forwards: Option<u32>,
+}
+
+impl std::ops::Deref for Message {
+    type Target = Parts;
+
+    fn deref(&self) -> &Parts {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Message {
+    /// Copies the message first when it is shared.
+    fn deref_mut(&mut self) -> &mut Parts {
+        Arc::make_mut(&mut self.0)
+    }
 }
 
 impl Message {
@@ -628,7 +658,7 @@ impl Message {
             };
             return Err(bad("CSeq method does not match the request", status));
         }
-        Ok(Message {
+        Ok(Message(Arc::new(Parts {
             start,
             raw_uri,
             headers,
@@ -639,7 +669,7 @@ impl Message {
             from: core.from,
             to: core.to,
             max_forwards: core.max_forwards,
-        })
+        })))
     }
 
     /// The start line.
@@ -806,6 +836,15 @@ impl Message {
         self.vias.insert(0, via);
     }
 
+    /// Puts the Via written `text` on top of the Via list, as written.
+    pub fn push_via_text(&mut self, text: ByteString) -> Result<(), SyntaxError> {
+        let via = Via::parse(&text)?;
+        self.headers
+            .insert(0, Header::new(HeaderName::Via, text.into_bytes()));
+        self.vias.insert(0, via);
+        Ok(())
+    }
+
     /// Removes the top Via value (a proxy forwarding a response, §16.7 step 3). Returns false
     /// when it was the only one.
     pub fn pop_via(&mut self) -> bool {
@@ -913,7 +952,7 @@ impl Message {
         {
             headers.push(ts.clone());
         }
-        let mut msg = Message {
+        let mut msg = Message(Arc::new(Parts {
             start: StartLine::Response {
                 code,
                 reason: Bytes::copy_from_slice(reason.as_bytes()),
@@ -927,7 +966,7 @@ impl Message {
             from: self.from.clone(),
             to: self.to.clone(),
             max_forwards: None,
-        };
+        }));
         if let Some(tag) = to_tag
             && self.to.tag().is_none()
         {
@@ -960,7 +999,7 @@ impl Message {
             Header::new(HeaderName::CallId, call_id.to_string()),
             Header::new(HeaderName::CSeq, cseq.to_string()),
         ];
-        Message {
+        Message(Arc::new(Parts {
             start: StartLine::Request { method, uri },
             raw_uri: None,
             headers,
@@ -971,7 +1010,7 @@ impl Message {
             from,
             to,
             max_forwards: Some(max_forwards),
-        }
+        }))
     }
 
     /// Serializes the message. Content-Length always states the body's length.
@@ -1131,21 +1170,22 @@ fn index_headers(buf: &Bytes, mut at: usize) -> Result<(Vec<Header>, usize), Syn
         if matches!(buf[at], b' ' | b'\t') {
             return Err("continuation line without a header");
         }
+        // Line ends: CRLF ones, and all (a line cut off at the end of the datagram has none).
+        let crlf = |end: usize, next: usize| usize::from(next - end == 2);
+        let (mut crlf_ends, mut lines) = (crlf(end, next), 1);
         let mut value_end = end;
         // Folded lines: the header goes on while the next line starts with SP or HTAB.
         while next < buf.len() && matches!(buf[next], b' ' | b'\t') {
             let (e, n) = line_at(buf, next).unwrap_or((buf.len(), buf.len()));
+            crlf_ends += crlf(e, n);
+            lines += 1;
             value_end = e;
             next = n;
         }
         let line = &buf[at..value_end];
         let whole = &buf[at..next];
         // A CR is only ever half of a line end: a bare one cannot be written back faithfully.
-        if whole
-            .iter()
-            .enumerate()
-            .any(|(i, &b)| b == b'\r' && whole.get(i + 1) != Some(&b'\n'))
-        {
+        if memchr::memchr_iter(b'\r', whole).count() != crlf_ends {
             return Err("bare CR in a header line");
         }
         let colon = memchr::memchr(b':', line).ok_or("header line without ':'")?;
@@ -1153,17 +1193,18 @@ fn index_headers(buf: &Bytes, mut at: usize) -> Result<(Vec<Header>, usize), Syn
         if name.is_empty() || !name.iter().all(|&b| is_token(b)) {
             return Err("bad header name");
         }
-        let name = ByteString::try_from(buf.slice_ref(name)).map_err(|_| "bad header name")?;
+        let name = match HeaderName::known(name) {
+            Some(known) => known,
+            None => HeaderName::Other(
+                ByteString::try_from(buf.slice_ref(name)).map_err(|_| "bad header name")?,
+            ),
+        };
         let value = trim_lws_bytes(&line[colon + 1..]);
         // Kept byte-exact only when its line ends are CRLF: a line cut off at the end of a
         // datagram, or ended by a bare LF, is written anew so the output frames on streams.
-        let crlf_only = whole.ends_with(b"\r\n")
-            && whole
-                .iter()
-                .enumerate()
-                .all(|(i, &b)| b != b'\n' || (i > 0 && whole[i - 1] == b'\r'));
+        let crlf_only = crlf_ends == lines;
         headers.push(Header {
-            name: HeaderName::parse(&name),
+            name,
             value: buf.slice_ref(value),
             raw: crlf_only.then(|| buf.slice(at..next)),
         });
@@ -1430,6 +1471,50 @@ Content-Length: 4\r\n\r\nv=0\n";
         assert_eq!(m.body().as_ref(), b"v=0\n");
         // Unchanged, it serializes to the same bytes.
         assert_eq!(m.to_bytes().as_ref(), ASTERISK_INVITE.as_bytes());
+    }
+
+    #[test]
+    fn every_known_header_name_is_recognised_in_any_case() {
+        let known = [
+            "Via",
+            "From",
+            "To",
+            "Call-ID",
+            "CSeq",
+            "Max-Forwards",
+            "Contact",
+            "Content-Length",
+            "Content-Type",
+            "Route",
+            "Record-Route",
+            "Expires",
+            "Min-Expires",
+            "Require",
+            "Proxy-Require",
+            "Supported",
+            "Unsupported",
+            "Allow",
+            "Authorization",
+            "Proxy-Authorization",
+            "WWW-Authenticate",
+            "Proxy-Authenticate",
+            "Server",
+            "User-Agent",
+            "Date",
+            "Retry-After",
+            "Timestamp",
+        ];
+        for name in known {
+            for written in [name.to_owned(), name.to_lowercase(), name.to_uppercase()] {
+                let parsed = HeaderName::parse(&ByteString::from(written.as_str()));
+                assert!(!matches!(parsed, HeaderName::Other(_)), "{written}");
+                assert_eq!(parsed.as_str(), name);
+            }
+        }
+        for other in ["Subject", "X-Via", "Tos", "P-Asserted-Identity", "Contacts"] {
+            let parsed = HeaderName::parse(&ByteString::from(other));
+            assert_eq!(parsed, HeaderName::Other(ByteString::from(other)));
+        }
     }
 
     #[test]

@@ -1120,29 +1120,37 @@ impl<D: Clone + Eq + Hash> Transactions<D> {
         self.new_client(now, cancel, dest, reliable)
     }
 
-    /// A received response. `None`: it matches no client transaction (a stray, dropped per
-    /// RFC 3261 §18.1.2 as updated by RFC 6026). Otherwise the transaction it matched, and
-    /// what the TU must hear (`None` when it was absorbed, e.g. a retransmitted final
-    /// response, for which the ACK was re-sent).
+    /// A received response. `Err`: it matches no client transaction (a stray, dropped per
+    /// RFC 3261 §18.1.2 as updated by RFC 6026), handed back. Otherwise the transaction it
+    /// matched, and what the TU must hear (`None` when it was absorbed, e.g. a retransmitted
+    /// final response, for which the ACK was re-sent). The event holds the response itself,
+    /// unshared, so that relaying it edits it without a copy.
     pub fn handle_response(
         &mut self,
         now: Instant,
-        response: &Message,
-    ) -> Option<(ClientId, Option<ClientEvent>)> {
-        if response.is_request() {
-            return None;
-        }
-        let key = ClientKey {
-            branch: response.top_via().branch()?.into(),
-            method: response.cseq().method.clone(),
+        response: Message,
+    ) -> Result<(ClientId, Option<ClientEvent>), Message> {
+        let Some(&id) = (!response.is_request())
+            .then(|| response.top_via().branch())
+            .flatten()
+            .and_then(|branch| {
+                self.client_keys.get(&ClientKey {
+                    branch: branch.into(),
+                    method: response.cseq().method.clone(),
+                })
+            })
+        else {
+            return Err(response);
         };
-        let id = *self.client_keys.get(&key)?;
-        let entry = self.clients.get_mut(&id)?;
-        entry.tx.handle_response(now, response);
+        let Some(entry) = self.clients.get_mut(&id) else {
+            return Err(response);
+        };
+        entry.tx.handle_response(now, &response);
+        drop(response);
         // A response causes at most one event; any other stays queued for poll_event.
         let event = entry.tx.poll_event();
         self.sync_client(id);
-        Some((id, event))
+        Ok((id, event))
     }
 
     // --- server side ---

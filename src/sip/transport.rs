@@ -1,12 +1,12 @@
 //! SIP transports: UDP, TCP and TLS listeners and connections.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -166,7 +166,8 @@ pub struct TransportOptions {
     pub stream_idle_timeout: Duration,
     /// How long an outgoing TCP connect may take.
     pub connect_timeout: Duration,
-    /// Queue of received messages waiting for the core; UDP datagrams beyond it are dropped.
+    /// Queue of TCP and TLS messages waiting for the core (a full queue holds the connections'
+    /// readers back); UDP datagrams wait in their sockets' receive buffers.
     pub queue: usize,
     /// A write to a TCP or TLS peer that does not complete in this time closes the connection.
     pub write_timeout: Duration,
@@ -269,8 +270,10 @@ pub struct SipTransport {
 }
 
 struct Inner {
-    /// The receive and accept loops, ended by [`SipTransport::shutdown`].
+    /// The accept and connection loops, ended by [`SipTransport::shutdown`].
     loops: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Set by [`SipTransport::shutdown`]: the [`Inbox`] reads no more datagrams.
+    shut: Arc<AtomicBool>,
     /// Each UDP socket with its bound address (asking the socket costs a system call a send).
     udp: Vec<(SocketAddr, Arc<UdpSocket>)>,
     bound: Vec<ListenSpec>,
@@ -300,7 +303,7 @@ impl SipTransport {
         specs: &[ListenSpec],
         tls: Option<Arc<rustls::ServerConfig>>,
         options: TransportOptions,
-    ) -> io::Result<(SipTransport, mpsc::Receiver<Incoming>)> {
+    ) -> io::Result<(SipTransport, Inbox)> {
         let (tx, rx) = mpsc::channel(options.queue);
         let mut udp = Vec::new();
         let mut bound = Vec::new();
@@ -345,6 +348,7 @@ impl SipTransport {
         }
         let inner = Arc::new(Inner {
             loops: Mutex::new(Vec::new()),
+            shut: Arc::new(AtomicBool::new(false)),
             udp,
             bound,
             conns: Mutex::new(Conns::default()),
@@ -353,10 +357,6 @@ impl SipTransport {
             options,
         });
         let transport = SipTransport { inner };
-        for (_, sock) in &transport.inner.udp {
-            let task = tokio::spawn(udp_loop(transport.clone(), sock.clone()));
-            transport.lock_loops().push(task);
-        }
         for (kind, listener) in tcp {
             let acceptor = match kind {
                 Transport::Tls => tls.clone().map(tokio_rustls::TlsAcceptor::from),
@@ -365,7 +365,14 @@ impl SipTransport {
             let task = tokio::spawn(accept_loop(transport.clone(), listener, kind, acceptor));
             transport.lock_loops().push(task);
         }
-        Ok((transport, rx))
+        let inbox = Inbox {
+            queue: rx,
+            udp: transport.inner.udp.clone(),
+            shut: transport.inner.shut.clone(),
+            ready: VecDeque::new(),
+            buf: vec![0; UDP_BATCH * UDP_SLOT],
+        };
+        Ok((transport, inbox))
     }
 
     fn lock_loops(&self) -> std::sync::MutexGuard<'_, Vec<tokio::task::JoinHandle<()>>> {
@@ -373,8 +380,9 @@ impl SipTransport {
     }
 
     /// Stops receiving and closes every connection; the sockets are released once the last
-    /// clone of this transport is dropped.
+    /// clone of this transport and its [`Inbox`] are dropped.
     pub fn shutdown(&self) {
+        self.inner.shut.store(true, Ordering::Relaxed);
         for task in self.lock_loops().drain(..) {
             task.abort();
         }
@@ -649,53 +657,140 @@ fn check_destination(ip: IpAddr) -> Result<(), SendError> {
 
 /// Drains a UDP socket's queued ICMP errors and reports each unreachable destination.
 fn report_unreachable(transport: &SipTransport, sock: &UdpSocket, local: SocketAddr) {
-    for remote in icmp::drain(sock) {
+    for report in icmp_reports(sock, local) {
+        let _ = transport.inner.incoming.try_send(report);
+    }
+}
+
+/// The unreachable destinations among a UDP socket's queued ICMP errors.
+fn icmp_reports(sock: &UdpSocket, local: SocketAddr) -> impl Iterator<Item = Incoming> {
+    icmp::drain(sock).into_iter().map(move |remote| {
         debug!(%local, %remote, "ICMP error: destination unreachable");
-        let flow = Flow {
+        Incoming::Unreachable(Flow {
             transport: Transport::Udp,
             local,
             remote,
             conn: None,
-        };
-        let _ = transport
-            .inner
-            .incoming
-            .try_send(Incoming::Unreachable(flow));
-    }
+        })
+    })
 }
 
-async fn udp_loop(transport: SipTransport, sock: Arc<UdpSocket>) {
-    let Ok(local) = sock.local_addr() else { return };
-    let mut buf = vec![0u8; 65_535];
-    loop {
-        let (n, remote) = match sock.recv_from(&mut buf).await {
-            Ok(v) => v,
+/// Datagrams read by one `recvmmsg`.
+const UDP_BATCH: usize = 32;
+/// Room for the largest UDP payload.
+const UDP_SLOT: usize = 65_535;
+
+/// What the transports received, for their one consumer (the service loop). The UDP sockets
+/// are read here, in batches, by the task that handles what they bring: a datagram is parsed
+/// on the thread that handles it, with no queue or thread between (under load the handoff
+/// cost more than the parse). TCP and TLS messages and failed sends come through a queue.
+pub struct Inbox {
+    queue: mpsc::Receiver<Incoming>,
+    udp: Vec<(SocketAddr, Arc<UdpSocket>)>,
+    shut: Arc<AtomicBool>,
+    /// Read but not yet handed out.
+    ready: VecDeque<Incoming>,
+    /// `UDP_BATCH` slots of `UDP_SLOT` bytes.
+    buf: Vec<u8>,
+}
+
+impl Inbox {
+    /// Waits for the next message or report; `None` when no transport can send any more.
+    pub async fn recv(&mut self) -> Option<Incoming> {
+        loop {
+            if let Some(item) = self.ready.pop_front() {
+                return Some(item);
+            }
+            let shut = self.shut.load(Ordering::Relaxed);
+            let readable = std::future::poll_fn(|cx| {
+                if let std::task::Poll::Ready(item) = self.queue.poll_recv(cx) {
+                    return std::task::Poll::Ready(Err(item));
+                }
+                for (i, (_, sock)) in self.udp.iter().enumerate() {
+                    if !shut && sock.poll_recv_ready(cx).is_ready() {
+                        return std::task::Poll::Ready(Ok(i));
+                    }
+                }
+                std::task::Poll::Pending
+            })
+            .await;
+            match readable {
+                Ok(i) => self.read_udp(i),
+                Err(item) => return item,
+            }
+        }
+    }
+
+    /// What has arrived already, without waiting.
+    pub fn try_recv(&mut self) -> Option<Incoming> {
+        if let Some(item) = self.ready.pop_front() {
+            return Some(item);
+        }
+        if let Ok(item) = self.queue.try_recv() {
+            return Some(item);
+        }
+        if !self.shut.load(Ordering::Relaxed) {
+            for i in 0..self.udp.len() {
+                self.read_udp(i);
+            }
+        }
+        self.ready.pop_front()
+    }
+
+    /// Reads what socket `i` holds, up to a batch, into `ready`.
+    fn read_udp(&mut self, i: usize) {
+        use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
+        use std::os::fd::AsRawFd;
+        let (local, sock) = &self.udp[i];
+        let read = {
+            let mut slots: Vec<[io::IoSliceMut<'_>; 1]> = self
+                .buf
+                .chunks_mut(UDP_SLOT)
+                .map(|slot| [io::IoSliceMut::new(slot)])
+                .collect();
+            let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(slots.len(), None);
+            sock.try_io(tokio::io::Interest::READABLE, || {
+                recvmmsg(
+                    sock.as_raw_fd(),
+                    &mut headers,
+                    slots.iter_mut(),
+                    MsgFlags::MSG_DONTWAIT,
+                    None,
+                )
+                .map_err(io::Error::from)
+                .map(|msgs| {
+                    msgs.map(|m| (m.bytes, m.address.as_ref().and_then(icmp::socket_addr)))
+                        .collect::<Vec<_>>()
+                })
+            })
+        };
+        let received = match read {
+            Ok(received) => received,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
             // ICMP errors for earlier sends surface here (IP_RECVERR): each names the
             // destination that could not be reached.
             Err(e) => {
                 debug!(%local, error = %e, "UDP receive error");
-                report_unreachable(&transport, &sock, local);
-                continue;
+                self.ready.extend(icmp_reports(sock, *local));
+                return;
             }
         };
-        let data = &buf[..n];
-        if data.iter().all(|&b| matches!(b, b'\r' | b'\n')) {
-            continue; // CRLF keep-alive
-        }
-        let flow = Flow {
-            transport: Transport::Udp,
-            local,
-            remote,
-            conn: None,
-        };
-        let message = Message::parse(Bytes::copy_from_slice(data));
-        // Under overload, dropping datagrams is right: senders retransmit.
-        if let Err(mpsc::error::TrySendError::Full(_)) = transport
-            .inner
-            .incoming
-            .try_send(Incoming::Message(Received { message, flow }))
-        {
-            debug!(%remote, "receive queue full: datagram dropped");
+        for ((n, remote), slot) in received.into_iter().zip(self.buf.chunks(UDP_SLOT)) {
+            let (Some(remote), data) = (remote, &slot[..n]) else {
+                continue;
+            };
+            if data.iter().all(|&b| matches!(b, b'\r' | b'\n')) {
+                continue; // CRLF keep-alive
+            }
+            let flow = Flow {
+                transport: Transport::Udp,
+                local: *local,
+                remote,
+                conn: None,
+            };
+            let message = Message::parse(Bytes::copy_from_slice(data));
+            self.ready
+                .push_back(Incoming::Message(Received { message, flow }));
         }
     }
 }
