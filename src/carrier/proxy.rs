@@ -15,7 +15,9 @@
 //! [`poll_resolve`](Proxy::poll_resolve).
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
+
+use crate::sip::IdMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
@@ -308,11 +310,11 @@ struct Call {
     /// When it arrived, wall clock (Unix ms), for its record.
     started_at_ms: i64,
     delivery: Delivery<BranchTarget>,
-    branches: HashMap<BranchId, ClientId>,
+    branches: IdMap<BranchId, ClientId>,
     /// Each branch's final response (for a later `Respond { from }`).
-    finals: HashMap<BranchId, Message>,
+    finals: IdMap<BranchId, Message>,
     /// Branches to cancel once they send a provisional (RFC 3261 §9.1).
-    cancel_pending: HashSet<BranchId>,
+    cancel_pending: foldhash::HashSet<BranchId>,
     /// The delivery deadline last put in the proxy's timer heap.
     armed: Option<Instant>,
     span: Span,
@@ -328,8 +330,8 @@ pub struct Proxy {
     dialog_key: [u8; 32],
     /// The listen addresses: where branches are sent from.
     bound: Vec<ListenSpec>,
-    calls: HashMap<ServerId, Call>,
-    clients: HashMap<ClientId, Role>,
+    calls: IdMap<ServerId, Call>,
+    clients: IdMap<ClientId, Role>,
     transmits: VecDeque<(Flow, Bytes)>,
     resolves: VecDeque<ResolveRequest>,
     records: VecDeque<CallRecord>,
@@ -365,8 +367,8 @@ impl Proxy {
             config: Arc::new(config),
             dialog_key,
             bound,
-            calls: HashMap::new(),
-            clients: HashMap::new(),
+            calls: IdMap::default(),
+            clients: IdMap::default(),
             transmits: VecDeque::new(),
             resolves: VecDeque::new(),
             records: VecDeque::new(),
@@ -561,9 +563,9 @@ impl Proxy {
                 started: now,
                 started_at_ms: unix_ms(SystemTime::now()),
                 delivery,
-                branches: HashMap::new(),
-                finals: HashMap::new(),
-                cancel_pending: HashSet::new(),
+                branches: IdMap::default(),
+                finals: IdMap::default(),
+                cancel_pending: foldhash::HashSet::default(),
                 armed: None,
                 span: span.clone(),
                 config: self.config.clone(),
@@ -1047,7 +1049,7 @@ fn prepare_answer(m: &mut Message, bound: &[ListenSpec], key: &[u8; 32], untrust
 
 /// CANCELs INVITE client transaction `id` (the proxy follows the CANCEL as [`Role::Cancel`]).
 fn send_cancel(
-    clients: &mut HashMap<ClientId, Role>,
+    clients: &mut IdMap<ClientId, Role>,
     now: Instant,
     tx: &mut Transactions<Flow>,
     id: ClientId,

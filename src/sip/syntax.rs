@@ -58,6 +58,13 @@ pub fn quoted_end(s: &[u8], start: usize) -> Result<usize, SyntaxError> {
 /// quoted strings and `<…>`. Empty elements are an error (`;;,,` in a Via).
 pub fn split_commas(value: &ByteString) -> Result<Vec<ByteString>, SyntaxError> {
     let s = value.as_bytes();
+    // Most values hold one element and no quoted string: then only `<` … `>` needs a look.
+    if memchr::memchr2(b',', b'"', s).is_none() {
+        if memchr::memrchr2(b'<', b'>', s).is_some_and(|i| s[i] == b'<') {
+            return Err("unterminated <");
+        }
+        return Ok(vec![element(value, 0, s.len())?]);
+    }
     let mut out = Vec::new();
     let mut start = 0;
     let mut i = 0;
@@ -243,6 +250,22 @@ mod tests {
         assert_eq!(parts.len(), 2);
         assert_eq!(&parts[1][..], "<sip:z@w>");
         assert!(split_commas(&ByteString::from("a,,b")).is_err());
+    }
+
+    #[test]
+    fn a_single_element_is_checked_as_a_list_would_be() {
+        let one = |s: &str| split_commas(&ByteString::from(s));
+        assert_eq!(
+            one("  <sip:a@b;lr> ").unwrap(),
+            vec![ByteString::from("<sip:a@b;lr>")]
+        );
+        assert_eq!(one("sip:a@b>").unwrap().len(), 1);
+        for bad in ["<sip:a@b", "<a> <b", "", "   "] {
+            assert!(one(bad).is_err(), "{bad:?}");
+        }
+        // The same with a second element: the list rules agree.
+        assert!(split_commas(&ByteString::from("<sip:a@b, <c>")).is_ok());
+        assert!(split_commas(&ByteString::from("<a>, <b")).is_err());
     }
 
     #[test]

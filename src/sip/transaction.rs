@@ -37,7 +37,9 @@
 //! Neither generates or absorbs the ACK of a 2xx: that is end to end, for the TU.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+
+use super::IdMap;
 use std::hash::Hash;
 use std::time::Duration;
 
@@ -979,9 +981,9 @@ struct ServerEntry<D> {
 pub struct Transactions<D> {
     config: TimerConfig,
     next_id: u64,
-    clients: HashMap<ClientId, ClientEntry<D>>,
+    clients: IdMap<ClientId, ClientEntry<D>>,
     client_keys: HashMap<ClientKey, ClientId>,
-    servers: HashMap<ServerId, ServerEntry<D>>,
+    servers: IdMap<ServerId, ServerEntry<D>>,
     server_keys: HashMap<ServerKey, ServerId>,
     timers: BinaryHeap<Reverse<(Instant, TransactionId)>>,
     transmits: VecDeque<(D, Bytes)>,
@@ -990,7 +992,7 @@ pub struct Transactions<D> {
     ended: Option<VecDeque<ClientId>>,
     /// The live transactions by destination: an ICMP error fails those of one destination
     /// without a walk over all (a probe round brings thousands of them).
-    by_dest: HashMap<D, HashSet<TransactionId>>,
+    by_dest: HashMap<D, foldhash::HashSet<TransactionId>>,
 }
 
 // === impl Transactions ===
@@ -1006,9 +1008,9 @@ impl<D: Clone + Eq + Hash> Transactions<D> {
         Transactions {
             config,
             next_id: 0,
-            clients: HashMap::new(),
+            clients: IdMap::default(),
             client_keys: HashMap::new(),
-            servers: HashMap::new(),
+            servers: IdMap::default(),
             server_keys: HashMap::new(),
             timers: BinaryHeap::new(),
             transmits: VecDeque::new(),
