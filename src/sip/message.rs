@@ -237,44 +237,58 @@ impl HeaderName {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
     pub name: HeaderName,
-    /// The value with surrounding white space trimmed; folds inside are kept.
-    pub value: Bytes,
-    /// The whole line(s) as received, CRLF included; `None` once edited or when created here.
-    raw: Option<Bytes>,
+    /// The whole line(s) as received, CRLF included, when `raw`; else the value alone (once
+    /// edited, or when created here). One buffer either way: a copy of the header costs one
+    /// reference count.
+    bytes: Bytes,
+    /// Where the value is in `bytes`: with surrounding white space trimmed, folds kept.
+    value: std::ops::Range<u32>,
+    raw: bool,
 }
 
 impl Header {
     /// A header created by this element.
     pub fn new(name: HeaderName, value: impl Into<Bytes>) -> Header {
+        let bytes = value.into();
         Header {
             name,
-            value: value.into(),
-            raw: None,
+            value: 0..bytes.len() as u32,
+            bytes,
+            raw: false,
         }
+    }
+
+    /// The value, with surrounding white space trimmed; folds inside are kept.
+    pub fn value(&self) -> &[u8] {
+        &self.bytes[self.value.start as usize..self.value.end as usize]
     }
 
     /// The value as text (lossy for the rare non-UTF-8 octets).
     pub fn value_str(&self) -> std::borrow::Cow<'_, str> {
-        String::from_utf8_lossy(&self.value)
+        String::from_utf8_lossy(self.value())
     }
 
     fn text(&self) -> ByteString {
-        match ByteString::try_from(self.value.clone()) {
+        let value = self
+            .bytes
+            .slice(self.value.start as usize..self.value.end as usize);
+        match ByteString::try_from(value) {
             Ok(s) => s,
-            Err(_) => ByteString::from(String::from_utf8_lossy(&self.value).into_owned()),
+            Err(_) => ByteString::from(String::from_utf8_lossy(self.value()).into_owned()),
         }
     }
 
     fn write_to(&self, out: &mut BytesMut) {
-        match &self.raw {
-            Some(raw) => out.put_slice(raw),
-            None => {
+        match self.raw {
+            true => out.put_slice(&self.bytes),
+            false => {
+                let value = self.value();
                 out.put_slice(self.name.as_str().as_bytes());
                 out.put_slice(b": ");
-                if self.value.iter().any(|&b| b == b'\r' || b == b'\n') {
+                if value.iter().any(|&b| b == b'\r' || b == b'\n') {
                     // Unfold: each fold becomes one space (RFC 3261 §7.3.1).
                     let mut in_fold = false;
-                    for &b in self.value.iter() {
+                    for &b in value {
                         if is_lws(b) && (in_fold || b == b'\r' || b == b'\n') {
                             if !in_fold {
                                 out.put_u8(b' ');
@@ -286,7 +300,7 @@ impl Header {
                         }
                     }
                 } else {
-                    out.put_slice(&self.value);
+                    out.put_slice(value);
                 }
                 out.put_slice(b"\r\n");
             }
@@ -485,7 +499,7 @@ impl RawRequest {
                 }
                 HeaderName::To => {
                     out.put_slice(b"To: ");
-                    out.put_slice(&h.value);
+                    out.put_slice(h.value());
                     let has_tag = NameAddr::parse(&h.text()).is_ok_and(|n| n.tag().is_some());
                     if !has_tag {
                         out.put_slice(b";tag=");
@@ -1018,7 +1032,7 @@ impl Message {
         let mut out = BytesMut::with_capacity(
             self.headers
                 .iter()
-                .map(|h| h.value.len() + 24)
+                .map(|h| h.value().len() + 24)
                 .sum::<usize>()
                 + self.body.len()
                 + 64,
@@ -1203,10 +1217,17 @@ fn index_headers(buf: &Bytes, mut at: usize) -> Result<(Vec<Header>, usize), Syn
         // Kept byte-exact only when its line ends are CRLF: a line cut off at the end of a
         // datagram, or ended by a bare LF, is written anew so the output frames on streams.
         let crlf_only = crlf_ends == lines;
-        headers.push(Header {
-            name,
-            value: buf.slice_ref(value),
-            raw: crlf_only.then(|| buf.slice(at..next)),
+        // The value's place in the line.
+        let from = (value.as_ptr() as usize - line.as_ptr() as usize) as u32;
+        headers.push(if crlf_only {
+            Header {
+                name,
+                bytes: buf.slice(at..next),
+                value: from..from + value.len() as u32,
+                raw: true,
+            }
+        } else {
+            Header::new(name, buf.slice_ref(value))
         });
         at = next;
     }
