@@ -457,8 +457,10 @@ fn upsert_sql(rows: usize) -> String {
     sql
 }
 
-static UPSERT_ONE: LazyLock<String> = LazyLock::new(|| upsert_sql(1));
-static UPSERT_MANY: LazyLock<String> = LazyLock::new(|| upsert_sql(UPSERT_CHUNK));
+/// The upserts of 64, 32, … 1 rows: a batch is written in as many of the largest as fit,
+/// then at most one of each smaller size (a handful of statements, not one per row left over).
+static UPSERTS: LazyLock<[(usize, String); 7]> =
+    LazyLock::new(|| std::array::from_fn(|i| (UPSERT_CHUNK >> i, upsert_sql(UPSERT_CHUNK >> i))));
 
 type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>>;
 
@@ -491,18 +493,17 @@ async fn write_batch(pool: &SqlitePool, batch: &Pending) -> Result<(), sqlx::Err
         }
     }
     let mut tx = pool.begin().await?;
-    let mut chunks = upserts.chunks_exact(UPSERT_CHUNK);
-    for chunk in &mut chunks {
-        let mut query = sqlx::query(UPSERT_MANY.as_str());
-        for b in chunk {
-            query = bind_binding(query, b);
+    let mut rest = &upserts[..];
+    for (rows, sql) in UPSERTS.iter() {
+        while rest.len() >= *rows {
+            let (chunk, after) = rest.split_at(*rows);
+            let mut query = sqlx::query(sql.as_str());
+            for b in chunk {
+                query = bind_binding(query, b);
+            }
+            query.execute(&mut *tx).await?;
+            rest = after;
         }
-        query.execute(&mut *tx).await?;
-    }
-    for b in chunks.remainder() {
-        bind_binding(sqlx::query(UPSERT_ONE.as_str()), b)
-            .execute(&mut *tx)
-            .await?;
     }
     for (trunk_group, contact) in removals {
         sqlx::query("DELETE FROM bindings WHERE trunk_group = ? AND contact = ?")
@@ -778,6 +779,40 @@ mod tests {
         let (store, loaded) = BindingStore::open(dir.path(), TICK, 5_000).await.unwrap();
         assert_eq!(loaded, vec![a.clone(), c.clone()]);
         assert_eq!(rows_in_file(store.path()).await, 2);
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn batches_of_any_size_are_written_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = BindingStore::open(dir.path(), Duration::from_secs(3600), 0)
+            .await
+            .unwrap();
+        let mut all = Vec::new();
+        // Sizes that need the 64-row statement, several smaller ones, or one alone.
+        for (round, size) in [1, 63, 64, 65, 127, 200].into_iter().enumerate() {
+            for i in 0..size {
+                let b = binding(
+                    round as i64 + 1,
+                    &format!("sip:pbx{i}@192.0.2.1"),
+                    1_000_000,
+                );
+                store.upsert(b.clone());
+                all.push(b);
+            }
+            store.flush().await.unwrap();
+            assert_eq!(
+                rows_in_file(store.path()).await,
+                all.len() as i64,
+                "after {size}"
+            );
+        }
+        store.close().await.unwrap();
+        let (store, mut loaded) = BindingStore::open(dir.path(), TICK, 0).await.unwrap();
+        let key = |b: &Binding| (b.trunk_group, b.contact.clone());
+        loaded.sort_by_key(key);
+        all.sort_by_key(key);
+        assert_eq!(loaded, all);
         store.close().await.unwrap();
     }
 
