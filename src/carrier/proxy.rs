@@ -712,7 +712,7 @@ impl Proxy {
         now: Instant,
         tx: &mut Transactions<Flow>,
         id: ServerId,
-        current: Option<(BranchId, Message)>,
+        mut current: Option<(BranchId, Message)>,
     ) {
         let Some(call) = self.calls.get_mut(&id) else {
             return;
@@ -792,10 +792,9 @@ impl Proxy {
                     }
                 }
                 Action::RelayProvisional { branch, .. } => {
-                    if let Some((b, m)) = &current
-                        && *b == branch
-                    {
-                        relay(now, tx, id, m.clone());
+                    // Taken, not cloned: the relay edits it without a copy.
+                    if let Some((_, m)) = current.take_if(|(b, _)| *b == branch) {
+                        relay(now, tx, id, m);
                     }
                 }
                 Action::RelayAnswer { branch, .. } => {

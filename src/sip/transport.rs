@@ -371,6 +371,8 @@ impl SipTransport {
             shut: transport.inner.shut.clone(),
             ready: VecDeque::new(),
             buf: vec![0; UDP_BATCH * UDP_SLOT],
+            waits: transport.inner.udp.iter().map(|_| None).collect(),
+            next: 0,
         };
         Ok((transport, inbox))
     }
@@ -692,6 +694,22 @@ pub struct Inbox {
     ready: VecDeque<Incoming>,
     /// `UDP_BATCH` slots of `UDP_SLOT` bytes.
     buf: Vec<u8>,
+    /// Each socket's wait for a datagram or a queued ICMP error (`poll_recv_ready` sees no
+    /// errors: tokio's `recv_from` waits for `READABLE | ERROR`).
+    waits: Vec<Option<UdpWait>>,
+    /// The socket looked at first next time, so that a busy one does not starve the others.
+    next: usize,
+}
+
+type UdpWait =
+    std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<tokio::io::Ready>> + Send>>;
+
+fn udp_wait(sock: &Arc<UdpSocket>) -> UdpWait {
+    let sock = sock.clone();
+    Box::pin(async move {
+        sock.ready(tokio::io::Interest::READABLE | tokio::io::Interest::ERROR)
+            .await
+    })
 }
 
 impl Inbox {
@@ -701,13 +719,28 @@ impl Inbox {
             if let Some(item) = self.ready.pop_front() {
                 return Some(item);
             }
-            let shut = self.shut.load(Ordering::Relaxed);
             let readable = std::future::poll_fn(|cx| {
-                if let std::task::Poll::Ready(item) = self.queue.poll_recv(cx) {
+                let Inbox {
+                    queue,
+                    udp,
+                    shut,
+                    waits,
+                    next,
+                    ..
+                } = &mut *self;
+                if let std::task::Poll::Ready(item) = queue.poll_recv(cx) {
                     return std::task::Poll::Ready(Err(item));
                 }
-                for (i, (_, sock)) in self.udp.iter().enumerate() {
-                    if !shut && sock.poll_recv_ready(cx).is_ready() {
+                if shut.load(Ordering::Relaxed) {
+                    return std::task::Poll::Pending;
+                }
+                let n = udp.len();
+                for k in 0..n {
+                    let i = (*next + k) % n;
+                    let wait = waits[i].get_or_insert_with(|| udp_wait(&udp[i].1));
+                    if wait.as_mut().poll(cx).is_ready() {
+                        waits[i] = None;
+                        *next = (i + 1) % n;
                         return std::task::Poll::Ready(Ok(i));
                     }
                 }
@@ -764,6 +797,13 @@ impl Inbox {
                 })
             })
         };
+        // A queued ICMP error sets ERROR readiness only (no EPOLLIN): drain it here, and clear
+        // that readiness (tokio's try_io with a combined interest never runs its closure).
+        let ready = &mut self.ready;
+        let _ = sock.try_io(tokio::io::Interest::ERROR, || {
+            ready.extend(icmp_reports(sock, *local));
+            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+        });
         let received = match read {
             Ok(received) => received,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -974,6 +1014,143 @@ mod tests {
         .await
         .expect("the dead peer is reported unreachable");
         assert_eq!(report.remote, dead);
+        transport.shutdown();
+    }
+
+    fn opts() -> TransportOptions {
+        TransportOptions::default()
+    }
+
+    const OPT: &str = "OPTIONS sip:a@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bK{N}\r\nFrom: <sip:b@c>;tag=1\r\nTo: <sip:a@d>\r\nCall-ID: c{N}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n";
+
+    /// Several datagrams queued before the first read come out of one recvmmsg, in order,
+    /// keep-alives skipped.
+    #[tokio::test]
+    async fn one_read_takes_a_batch_of_datagrams_in_order() {
+        let spec: ListenSpec = "udp:127.0.0.1:0".parse().unwrap();
+        let (transport, mut inbox) = SipTransport::bind(&[spec], None, opts()).await.unwrap();
+        let to = transport.bound()[0].addr;
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for n in 0..5 {
+            if n == 2 {
+                peer.send_to(b"\r\n\r\n", to).unwrap();
+            }
+            peer.send_to(OPT.replace("{N}", &n.to_string()).as_bytes(), to)
+                .unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let mut ids = Vec::new();
+        let first = tokio::time::timeout(Duration::from_secs(2), inbox.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let left_after_first = inbox.ready.len();
+        let mut push = |i: Incoming| match i {
+            Incoming::Message(r) => ids.push(r.message.unwrap().call_id().to_string()),
+            Incoming::Unreachable(_) => panic!("unreachable"),
+        };
+        push(first);
+        while let Some(i) = inbox.try_recv() {
+            push(i);
+        }
+        assert_eq!(left_after_first, 4, "one recvmmsg read all five");
+        assert_eq!(ids, ["c0", "c1", "c2", "c3", "c4"]);
+        transport.shutdown();
+    }
+
+    /// An ICMP port unreachable comes out of the Inbox itself when no later send picks it up.
+    #[tokio::test]
+    async fn an_icmp_error_alone_wakes_the_inbox() {
+        let spec: ListenSpec = "udp:127.0.0.1:0".parse().unwrap();
+        let (transport, mut inbox) = SipTransport::bind(&[spec], None, opts()).await.unwrap();
+        let local = transport.bound()[0].addr;
+        let dead = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        transport
+            .send_nowait(
+                Flow {
+                    transport: Transport::Udp,
+                    local,
+                    remote: dead,
+                    conn: None,
+                },
+                Bytes::from_static(b"OPTIONS dead"),
+            )
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(2), inbox.recv())
+            .await
+            .expect("reported")
+            .unwrap();
+        match got {
+            Incoming::Unreachable(f) => assert_eq!(f.remote, dead),
+            Incoming::Message(_) => panic!("message"),
+        }
+        // The socket is still usable after the error.
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        peer.send_to(OPT.replace("{N}", "9").as_bytes(), local)
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(2), inbox.recv())
+            .await
+            .expect("msg")
+            .unwrap();
+        assert!(matches!(got, Incoming::Message(_)));
+        transport.shutdown();
+    }
+
+    /// With two UDP sockets and only `recv` (the agent's way of reading), a socket that never
+    /// runs dry keeps the second from being read at all.
+    #[tokio::test]
+    async fn a_busy_socket_does_not_starve_another() {
+        let specs: Vec<ListenSpec> = vec![
+            "udp:127.0.0.1:0".parse().unwrap(),
+            "udp:127.0.0.1:0".parse().unwrap(),
+        ];
+        let (transport, mut inbox) = SipTransport::bind(&specs, None, opts()).await.unwrap();
+        let a = transport.bound()[0].addr;
+        let b = transport.bound()[1].addr;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flood = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                let msg = OPT.replace("{N}", "a");
+                // Bounded in count as well as by the test's stop.
+                for _ in 0..500_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let _ = peer.send_to(msg.as_bytes(), a);
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        let other = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        other
+            .send_to(OPT.replace("{N}", "b").as_bytes(), b)
+            .unwrap();
+        let mut seen_b = None;
+        let started = std::time::Instant::now();
+        let mut n = 0u64;
+        while started.elapsed() < Duration::from_secs(2) {
+            let Ok(Some(Incoming::Message(r))) =
+                tokio::time::timeout(Duration::from_millis(500), inbox.recv()).await
+            else {
+                break;
+            };
+            n += 1;
+            if r.flow.local == b {
+                seen_b = Some(n);
+                break;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        flood.join().unwrap();
+        assert!(
+            seen_b.is_some(),
+            "second socket starved: {n} datagrams of the first handled, none of the second"
+        );
         transport.shutdown();
     }
 }
