@@ -373,6 +373,7 @@ impl SipTransport {
             buf: vec![0; UDP_BATCH * UDP_SLOT],
             waits: transport.inner.udp.iter().map(|_| None).collect(),
             next: 0,
+            batch: vec![UDP_MIN_BATCH; transport.inner.udp.len()],
         };
         Ok((transport, inbox))
     }
@@ -677,8 +678,9 @@ fn icmp_reports(sock: &UdpSocket, local: SocketAddr) -> impl Iterator<Item = Inc
     })
 }
 
-/// Datagrams read by one `recvmmsg`.
+/// Datagrams read by one `recvmmsg`, at most and at least.
 const UDP_BATCH: usize = 32;
+const UDP_MIN_BATCH: usize = 4;
 /// Room for the largest UDP payload.
 const UDP_SLOT: usize = 65_535;
 
@@ -699,6 +701,8 @@ pub struct Inbox {
     waits: Vec<Option<UdpWait>>,
     /// The socket looked at first next time, so that a busy one does not starve the others.
     next: usize,
+    /// Each socket's next read size.
+    batch: Vec<usize>,
 }
 
 type UdpWait =
@@ -775,28 +779,39 @@ impl Inbox {
         use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
         use std::os::fd::AsRawFd;
         let (local, sock) = &self.udp[i];
+        let batch = self.batch[i];
+        let mut received = Vec::new();
         let read = {
             let mut slots: Vec<[io::IoSliceMut<'_>; 1]> = self
                 .buf
                 .chunks_mut(UDP_SLOT)
+                .take(batch)
                 .map(|slot| [io::IoSliceMut::new(slot)])
                 .collect();
-            let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(slots.len(), None);
+            let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(batch, None);
             sock.try_io(tokio::io::Interest::READABLE, || {
-                recvmmsg(
+                let msgs = recvmmsg(
                     sock.as_raw_fd(),
                     &mut headers,
                     slots.iter_mut(),
                     MsgFlags::MSG_DONTWAIT,
                     None,
-                )
-                .map_err(io::Error::from)
-                .map(|msgs| {
-                    msgs.map(|m| (m.bytes, m.address.as_ref().and_then(icmp::socket_addr)))
-                        .collect::<Vec<_>>()
-                })
+                )?;
+                received.extend(
+                    msgs.map(|m| (m.bytes, m.address.as_ref().and_then(icmp::socket_addr))),
+                );
+                // A short read emptied the socket: said as WouldBlock, tokio forgets the
+                // readiness, so the next look waits for new data instead of costing a system
+                // call to find none (a datagram arriving meanwhile sets it again).
+                if received.len() < batch {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(())
             })
         };
+        // Batches grow while reads fill them and shrink when traffic is light: each read
+        // prepares (and clears) room for a whole batch.
+        self.batch[i] = (received.len() * 2).clamp(UDP_MIN_BATCH, UDP_BATCH);
         // A queued ICMP error sets ERROR readiness only (no EPOLLIN): drain it here, and clear
         // that readiness (tokio's try_io with a combined interest never runs its closure).
         let ready = &mut self.ready;
@@ -804,9 +819,9 @@ impl Inbox {
             ready.extend(icmp_reports(sock, *local));
             Err::<(), _>(io::ErrorKind::WouldBlock.into())
         });
-        let received = match read {
-            Ok(received) => received,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+        match read {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             // ICMP errors for earlier sends surface here (IP_RECVERR): each names the
             // destination that could not be reached.
             Err(e) => {
@@ -814,7 +829,7 @@ impl Inbox {
                 self.ready.extend(icmp_reports(sock, *local));
                 return;
             }
-        };
+        }
         for ((n, remote), slot) in received.into_iter().zip(self.buf.chunks(UDP_SLOT)) {
             let (Some(remote), data) = (remote, &slot[..n]) else {
                 continue;
@@ -1023,15 +1038,15 @@ mod tests {
 
     const OPT: &str = "OPTIONS sip:a@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bK{N}\r\nFrom: <sip:b@c>;tag=1\r\nTo: <sip:a@d>\r\nCall-ID: c{N}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n";
 
-    /// Several datagrams queued before the first read come out of one recvmmsg, in order,
-    /// keep-alives skipped.
+    /// Datagrams queued before the first read come out in order, keep-alives skipped, in
+    /// reads that grow while they come back full.
     #[tokio::test]
     async fn one_read_takes_a_batch_of_datagrams_in_order() {
         let spec: ListenSpec = "udp:127.0.0.1:0".parse().unwrap();
         let (transport, mut inbox) = SipTransport::bind(&[spec], None, opts()).await.unwrap();
         let to = transport.bound()[0].addr;
         let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        for n in 0..5 {
+        for n in 0..60 {
             if n == 2 {
                 peer.send_to(b"\r\n\r\n", to).unwrap();
             }
@@ -1044,17 +1059,25 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+        // The first read took the smallest batch (less the keep-alive), the next ones more.
         let left_after_first = inbox.ready.len();
         let mut push = |i: Incoming| match i {
             Incoming::Message(r) => ids.push(r.message.unwrap().call_id().to_string()),
             Incoming::Unreachable(_) => panic!("unreachable"),
         };
         push(first);
+        let mut largest = 0;
         while let Some(i) = inbox.try_recv() {
+            largest = largest.max(inbox.ready.len() + 1);
             push(i);
         }
-        assert_eq!(left_after_first, 4, "one recvmmsg read all five");
-        assert_eq!(ids, ["c0", "c1", "c2", "c3", "c4"]);
+        assert_eq!(left_after_first, UDP_MIN_BATCH - 2);
+        assert_eq!(largest, UDP_BATCH, "the batch grew while reads filled it");
+        let want: Vec<_> = (0..60).map(|n| format!("c{n}")).collect();
+        assert_eq!(ids, want);
+        // Emptied: the socket is not read again until a datagram comes.
+        assert!(inbox.try_recv().is_none());
+        assert_eq!(inbox.batch[0], UDP_MIN_BATCH);
         transport.shutdown();
     }
 
