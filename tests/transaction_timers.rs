@@ -116,7 +116,7 @@ fn invite_client_486_is_acked_passed_up_once_then_timer_d() {
     let ringing = invite.response(180, "Ringing", Some("t1"));
     assert_eq!(
         t.handle_response(t0 + ms(100), ringing.clone()).ok(),
-        Some((id, Some(ClientEvent::Provisional(Box::new(ringing)))))
+        Some((id, Some(ClientEvent::Provisional(ringing))))
     );
     // A response for another branch is a stray: the caller drops it.
     let mut stray = msg(&INVITE_OUT.replace("z9hG4bKcar1", "z9hG4bKcar9"));
@@ -126,7 +126,7 @@ fn invite_client_486_is_acked_passed_up_once_then_timer_d() {
     let busy = invite.response(486, "Busy Here", Some("t1"));
     assert_eq!(
         t.handle_response(t0 + ms(200), busy.clone()).ok(),
-        Some((id, Some(ClientEvent::Final(Box::new(busy.clone())))))
+        Some((id, Some(ClientEvent::Final(busy.clone()))))
     );
     let sent = transmits(&mut t);
     assert_eq!(sent.len(), 1);
@@ -208,7 +208,7 @@ fn non_invite_client_final_then_timer_k() {
     let ok = options.response(200, "OK", Some("p1"));
     assert_eq!(
         t.handle_response(t0 + ms(40), ok.clone()).ok(),
-        Some((id, Some(ClientEvent::Final(Box::new(ok.clone())))))
+        Some((id, Some(ClientEvent::Final(ok.clone()))))
     );
     assert_eq!(
         t.handle_response(t0 + ms(600), ok.clone()).ok(),
@@ -268,12 +268,12 @@ fn cancel_helper_shares_the_branch_and_matches_by_method() {
     let ok = cancel.response(200, "OK", Some("t1"));
     assert_eq!(
         t.handle_response(t0 + ms(250), ok.clone()).ok(),
-        Some((can, Some(ClientEvent::Final(Box::new(ok)))))
+        Some((can, Some(ClientEvent::Final(ok))))
     );
     let terminated = invite.response(487, "Request Terminated", Some("t1"));
     assert_eq!(
         t.handle_response(t0 + ms(260), terminated.clone()).ok(),
-        Some((inv, Some(ClientEvent::Final(Box::new(terminated)))))
+        Some((inv, Some(ClientEvent::Final(terminated))))
     );
     assert_eq!(transmits(&mut t).len(), 1); // the ACK of the 487
     assert!(run_out(&mut t, t0).is_empty());

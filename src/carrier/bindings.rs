@@ -42,7 +42,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
 use tracing::{info, warn};
 
-use super::store::{Backend, Chunk, JoinedScan, TrunkGroupId, create_private, sqlite_options};
+use super::store::{
+    Backend, JoinedScan, MAX_PARAMETERS, TrunkGroupId, chunk_lens, create_private, insert_sqls,
+    sql_for, sqlite_options,
+};
 use crate::sip::transport::Transport;
 
 /// The database file inside the data folder.
@@ -430,41 +433,31 @@ impl Writer {
 }
 
 /// Upserts per statement: one statement per row costs a round trip to SQLite's worker thread
-/// each, several times the insert itself. 64 rows bind 768 variables, far under SQLite's limit
-/// (32 766); the statement is prepared once and cached.
+/// each, several times the insert itself. A batch is written in as many statements of 64 rows
+/// as fit, then one of each smaller power of two its rest needs ([`chunk_lens`]).
 const UPSERT_CHUNK: usize = 64;
+const _: () = assert!(UPSERT_CHUNK * COLUMNS.len() <= MAX_PARAMETERS);
 
-/// `INSERT ... VALUES (...), ... ON CONFLICT DO UPDATE` for `rows` bindings.
-fn upsert_sql(rows: usize) -> String {
-    let mut sql = String::from(concat!(
-        "INSERT INTO bindings (trunk_group, contact, contact_params, q, expires_at_ms, ",
-        "call_id, cseq, transport, remote, local, user_agent, registered_at_ms) VALUES "
-    ));
-    for i in 0..rows {
-        if i > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
-    }
-    sql.push_str(concat!(
+/// The upserts of 1, 2, 4 … 64 rows, each cached by SQLx once prepared.
+static UPSERTS: LazyLock<Vec<String>> = LazyLock::new(|| {
+    let head = format!("INSERT INTO bindings ({}) VALUES ", COLUMNS.join(", "));
+    let update = concat!(
         " ON CONFLICT (trunk_group, contact) DO UPDATE SET ",
         "contact_params = excluded.contact_params, q = excluded.q, ",
         "expires_at_ms = excluded.expires_at_ms, call_id = excluded.call_id, ",
         "cseq = excluded.cseq, transport = excluded.transport, remote = excluded.remote, ",
         "local = excluded.local, user_agent = excluded.user_agent, ",
         "registered_at_ms = excluded.registered_at_ms"
-    ));
-    sql
-}
-
-/// The upserts of 64, 32, … 1 rows: a batch is written in as many of the largest as fit,
-/// then at most one of each smaller size (a handful of statements, not one per row left over).
-static UPSERTS: LazyLock<[(usize, String); 7]> =
-    LazyLock::new(|| std::array::from_fn(|i| (UPSERT_CHUNK >> i, upsert_sql(UPSERT_CHUNK >> i))));
+    );
+    insert_sqls(&head, COLUMNS.len(), UPSERT_CHUNK)
+        .into_iter()
+        .map(|insert| insert + update)
+        .collect()
+});
 
 type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>>;
 
-/// Binds one binding's 12 columns, in the order of [`upsert_sql`].
+/// Binds one binding's 12 columns, in the order of [`COLUMNS`].
 fn bind_binding<'q>(query: SqliteQuery<'q>, b: &'q Binding) -> SqliteQuery<'q> {
     query
         .bind(b.trunk_group)
@@ -494,16 +487,14 @@ async fn write_batch(pool: &SqlitePool, batch: &Pending) -> Result<(), sqlx::Err
     }
     let mut tx = pool.begin().await?;
     let mut rest = &upserts[..];
-    for (rows, sql) in UPSERTS.iter() {
-        while rest.len() >= *rows {
-            let (chunk, after) = rest.split_at(*rows);
-            let mut query = sqlx::query(sql.as_str());
-            for b in chunk {
-                query = bind_binding(query, b);
-            }
-            query.execute(&mut *tx).await?;
-            rest = after;
+    for rows in chunk_lens(upserts.len(), UPSERT_CHUNK) {
+        let (chunk, after) = rest.split_at(rows);
+        let mut query = sqlx::query(sql_for(&UPSERTS, rows));
+        for b in chunk {
+            query = bind_binding(query, b);
         }
+        query.execute(&mut *tx).await?;
+        rest = after;
     }
     for (trunk_group, contact) in removals {
         sqlx::query("DELETE FROM bindings WHERE trunk_group = ? AND contact = ?")
@@ -549,15 +540,8 @@ async fn load_rows(pool: &SqlitePool, chunk: i64) -> Result<Vec<Row>, sqlx::Erro
     );
     let mut tx = pool.begin().await?;
     let mut rows = Vec::new();
-    scan.run(&mut tx, i64::MIN, |chunk| match chunk {
-        Chunk::Joined(texts) => {
-            let read: Option<Vec<_>> = texts.map(row_from_text).collect();
-            read.map(|read| rows.extend(read)).is_some()
-        }
-        Chunk::Rows(r) => {
-            rows.extend(r);
-            true
-        }
+    scan.run(&mut tx, i64::MIN, |chunk| {
+        chunk.read_into(&mut rows, row_from_text)
     })
     .await?;
     tx.commit().await?;

@@ -69,7 +69,9 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use super::call_record::{AttemptRecord, CallRecord};
-use super::store::{TrunkGroupId, create_private, sqlite_options};
+use super::store::{
+    MAX_PARAMETERS, TrunkGroupId, chunk_lens, create_private, insert_sqls, sql_for, sqlite_options,
+};
 
 /// The database file inside the data folder.
 pub const CALLS_FILE: &str = "calls.sqlite3";
@@ -477,10 +479,6 @@ async fn prune(pool: &SqlitePool, keep: Duration) -> Result<u64, sqlx::Error> {
     Ok(pruned)
 }
 
-/// SQLite's limit on the parameters of one statement (`SQLITE_MAX_VARIABLE_NUMBER` of the
-/// bundled SQLite 3.46, libsqlite3-sys 0.30).
-const MAX_PARAMETERS: usize = 32_766;
-
 const CALL_COLUMNS: usize = 12;
 const INSERT_CALLS_HEAD: &str = concat!(
     "INSERT INTO calls (id, call_id, did, trunk_group, server, source, from_peer, ",
@@ -501,43 +499,10 @@ const _: () = assert!(CALL_CHUNK.is_power_of_two() && ATTEMPT_CHUNK.is_power_of_
 const _: () = assert!(CALL_CHUNK * CALL_COLUMNS <= MAX_PARAMETERS);
 const _: () = assert!(ATTEMPT_CHUNK * ATTEMPT_COLUMNS <= MAX_PARAMETERS);
 
-/// `head` followed by `rows` rows of `columns` parameters.
-fn insert_sql(head: &str, columns: usize, rows: usize) -> String {
-    let row = format!("({})", vec!["?"; columns].join(", "));
-    format!("{head}{}", vec![row.as_str(); rows].join(", "))
-}
-
-/// The inserts of 1, 2, 4, ... `max` rows (index: log2 of the rows), so that SQLx's statement
-/// cache (by SQL text) holds every one of them.
-fn insert_sqls(head: &str, columns: usize, max: usize) -> Vec<String> {
-    (0..=max.ilog2())
-        .map(|k| insert_sql(head, columns, 1 << k))
-        .collect()
-}
-
 static INSERT_CALLS: LazyLock<Vec<String>> =
     LazyLock::new(|| insert_sqls(INSERT_CALLS_HEAD, CALL_COLUMNS, CALL_CHUNK));
 static INSERT_ATTEMPTS: LazyLock<Vec<String>> =
     LazyLock::new(|| insert_sqls(INSERT_ATTEMPTS_HEAD, ATTEMPT_COLUMNS, ATTEMPT_CHUNK));
-
-/// Splits `n` rows into statements of power-of-two sizes up to `max` (a power of two): as many
-/// of `max` as fit, then the binary digits of the rest, largest first: at most
-/// `n / max + log2(max)` statements.
-fn chunk_lens(n: usize, max: usize) -> impl Iterator<Item = usize> {
-    let rest = n % max;
-    std::iter::repeat_n(max, n / max).chain(
-        (0..max.ilog2())
-            .rev()
-            .map(|k| 1 << k)
-            .filter(move |size| rest & size != 0),
-    )
-}
-
-/// The statement for `rows` rows out of `sqls` (built by [`insert_sqls`]).
-fn sql_for(sqls: &[String], rows: usize) -> &str {
-    debug_assert!(rows.is_power_of_two());
-    &sqls[rows.ilog2() as usize]
-}
 
 /// A `u64` as SQLite stores it (values past `i64::MAX`, millennia, are clamped).
 fn to_i64(value: u64) -> i64 {

@@ -17,7 +17,6 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytestring::ByteString;
@@ -475,7 +474,7 @@ fn probe_request(c: &ContactRef<'_>, max_forwards: u32) -> (Message, Flow) {
     let mut uri = c.uri.clone();
     uri.headers = None;
     uri.password = None;
-    let us = SipUri::new(host_of(local), Some(local.port()));
+    let us = SipUri::new(Host::from(local.ip()), Some(local.port()));
     let mut from_uri = us.clone();
     from_uri.user = Some(ByteString::from_static("lifeline"));
     let from = NameAddr::parse(&ByteString::from(format!(
@@ -503,13 +502,6 @@ fn probe_request(c: &ContactRef<'_>, max_forwards: u32) -> (Message, Flow) {
         max_forwards,
     );
     (req, dest)
-}
-
-fn host_of(addr: SocketAddr) -> Host {
-    match addr.ip() {
-        std::net::IpAddr::V4(ip) => Host::V4(ip),
-        std::net::IpAddr::V6(ip) => Host::V6(ip),
-    }
 }
 
 #[cfg(test)]
@@ -623,7 +615,7 @@ mod tests {
             .request()
             .unwrap()
             .response(404, "Not Found", None);
-        assert!(prober.on_client_event(t3, id, &ClientEvent::Final(Box::new(answer))));
+        assert!(prober.on_client_event(t3, id, &ClientEvent::Final(answer)));
         assert!(!prober.is_failing(1, contact));
         // Reported once: the same transaction again is not a probe of ours any more.
         assert!(!prober.on_client_event(t3, id, &ClientEvent::Timeout));

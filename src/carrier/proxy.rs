@@ -627,14 +627,14 @@ impl Proxy {
                                 send_cancel(&mut self.clients, now, tx, id);
                             }
                             c.delivery.handle_response(now, branch, status);
-                            current = Some(*m);
+                            current = Some(m);
                         }
                         ClientEvent::Final(mut m) | ClientEvent::Additional2xx(mut m) => {
                             prepare(&mut m);
                             let status = m.status().unwrap_or(500);
-                            c.finals.insert(branch, (*m).clone());
+                            c.finals.insert(branch, m.clone());
                             c.delivery.handle_response(now, branch, status);
-                            current = Some(*m);
+                            current = Some(m);
                         }
                         ClientEvent::Timeout => c.delivery.handle_response(now, branch, 408),
                         ClientEvent::TransportError => {
@@ -679,7 +679,7 @@ impl Proxy {
                     &mut self.transmits,
                     settled.server,
                     settled.reply_to,
-                    *m,
+                    m,
                 );
             }
             _ => {}
@@ -949,8 +949,7 @@ impl Proxy {
             remote,
             conn: None,
         };
-        m.push_via_text(our_via(Transport::Udp, local))
-            .expect("our own Via parses");
+        push_our_via(&mut m, Transport::Udp, local);
         info!(
             call_id = %req.call_id(),
             trunk_server = %self.config.name,
@@ -988,8 +987,9 @@ fn relay_in_dialog(
 ) {
     let response = match event {
         ClientEvent::Provisional(m) if m.status() == Some(100) => return,
-        ClientEvent::Provisional(m) | ClientEvent::Final(m) | ClientEvent::Additional2xx(m) => {
-            let mut m = *m;
+        ClientEvent::Provisional(mut m)
+        | ClientEvent::Final(mut m)
+        | ClientEvent::Additional2xx(mut m) => {
             if !m.pop_via() {
                 return;
             }
@@ -1340,14 +1340,12 @@ fn branch_request(call: &Call, target: &BranchTarget, dialog_key: &[u8; 32]) -> 
             host_port(call.flow.local)
         ),
     ));
-    m.push_via_text(our_via(target.dest.transport, target.dest.local))
-        .expect("our own Via parses");
+    push_our_via(&mut m, target.dest.transport, target.dest.local);
     m
 }
 
-/// This server's Via with a fresh branch.
-/// A Via of ours with a fresh branch, as text: parsed once, and written as it is.
-fn our_via(transport: Transport, local: SocketAddr) -> ByteString {
+/// Puts this server's Via, with a fresh branch, on top of `m`: written once, parsed once.
+fn push_our_via(m: &mut Message, transport: Transport, local: SocketAddr) {
     let text = format!(
         "SIP/2.0/{} {};branch=z9hG4bK{:016x}{:08x};rport",
         transport.as_str(),
@@ -1355,7 +1353,8 @@ fn our_via(transport: Transport, local: SocketAddr) -> ByteString {
         rand::random::<u64>(),
         rand::random::<u32>()
     );
-    ByteString::from(text)
+    m.push_via_text(ByteString::from(text))
+        .expect("our own Via parses");
 }
 
 fn host_port(addr: SocketAddr) -> String {

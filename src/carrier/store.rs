@@ -847,6 +847,27 @@ pub(crate) enum Chunk<'a, const N: usize, R> {
     Rows(Vec<R>),
 }
 
+impl<'a, const N: usize, R> Chunk<'a, N, R> {
+    /// Appends the chunk's rows to `out`, a joined one read by `parse`: false, with nothing
+    /// appended, if any of its rows does not read (the answer [`JoinedScan::run`] wants).
+    pub(crate) fn read_into(
+        self,
+        out: &mut Vec<R>,
+        parse: impl Fn([&'a str; N]) -> Option<R>,
+    ) -> bool {
+        match self {
+            Chunk::Joined(texts) => {
+                let read: Option<Vec<_>> = texts.map(parse).collect();
+                read.map(|read| out.extend(read)).is_some()
+            }
+            Chunk::Rows(rows) => {
+                out.extend(rows);
+                true
+            }
+        }
+    }
+}
+
 impl<const N: usize> JoinedScan<N> {
     pub(crate) fn new(
         backend: Backend,
@@ -1062,6 +1083,45 @@ pub(crate) fn create_private(path: &Path) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+// === Multi-row inserts (the call log and the bindings file) ===
+
+/// SQLite's limit on the parameters of one statement (`SQLITE_MAX_VARIABLE_NUMBER` of the
+/// bundled SQLite 3.46, libsqlite3-sys 0.30).
+pub(crate) const MAX_PARAMETERS: usize = 32_766;
+
+/// `head` followed by `rows` rows of `columns` parameters.
+pub(crate) fn insert_sql(head: &str, columns: usize, rows: usize) -> String {
+    let row = format!("({})", vec!["?"; columns].join(", "));
+    format!("{head}{}", vec![row.as_str(); rows].join(", "))
+}
+
+/// The inserts of 1, 2, 4, ... `max` rows (index: log2 of the rows), so that SQLx's statement
+/// cache (by SQL text) holds every one of them.
+pub(crate) fn insert_sqls(head: &str, columns: usize, max: usize) -> Vec<String> {
+    (0..=max.ilog2())
+        .map(|k| insert_sql(head, columns, 1 << k))
+        .collect()
+}
+
+/// Splits `n` rows into statements of power-of-two sizes up to `max` (a power of two): as many
+/// of `max` as fit, then the binary digits of the rest, largest first: at most
+/// `n / max + log2(max)` statements.
+pub(crate) fn chunk_lens(n: usize, max: usize) -> impl Iterator<Item = usize> {
+    let rest = n % max;
+    std::iter::repeat_n(max, n / max).chain(
+        (0..max.ilog2())
+            .rev()
+            .map(|k| 1 << k)
+            .filter(move |size| rest & size != 0),
+    )
+}
+
+/// The statement for `rows` rows out of `sqls` (built by [`insert_sqls`]).
+pub(crate) fn sql_for(sqls: &[String], rows: usize) -> &str {
+    debug_assert!(rows.is_power_of_two());
+    &sqls[rows.ilog2() as usize]
 }
 
 /// How every SQLite file of the carrier is opened: WAL (readers never wait for the writer),
@@ -1520,15 +1580,8 @@ impl Store {
         let mut tx = self.begin_snapshot().await?;
         let scan = JoinedScan::new(self.backend, "trunk_groups", "id", &COLUMNS, &[], chunk);
         let mut groups = Vec::new();
-        scan.run(&mut tx, i64::MIN, |chunk| match chunk {
-            Chunk::Joined(texts) => {
-                let read: Option<Vec<_>> = texts.map(trunk_group_from_text).collect();
-                read.map(|read| groups.extend(read)).is_some()
-            }
-            Chunk::Rows(rows) => {
-                groups.extend(rows);
-                true
-            }
+        scan.run(&mut tx, i64::MIN, |chunk| {
+            chunk.read_into(&mut groups, trunk_group_from_text)
         })
         .await?;
         tx.commit().await?;

@@ -260,7 +260,11 @@ impl Header {
 
     /// The value, with surrounding white space trimmed; folds inside are kept.
     pub fn value(&self) -> &[u8] {
-        &self.bytes[self.value.start as usize..self.value.end as usize]
+        &self.bytes[self.value_range()]
+    }
+
+    fn value_range(&self) -> std::ops::Range<usize> {
+        self.value.start as usize..self.value.end as usize
     }
 
     /// The value as text (lossy for the rare non-UTF-8 octets).
@@ -269,10 +273,7 @@ impl Header {
     }
 
     fn text(&self) -> ByteString {
-        let value = self
-            .bytes
-            .slice(self.value.start as usize..self.value.end as usize);
-        match ByteString::try_from(value) {
+        match ByteString::try_from(self.bytes.slice(self.value_range())) {
             Ok(s) => s,
             Err(_) => ByteString::from(String::from_utf8_lossy(self.value()).into_owned()),
         }
@@ -843,14 +844,8 @@ impl Message {
         }
     }
 
-    /// Puts `via` on top of the Via list (a proxy forwarding a request, §16.6 step 8).
-    pub fn push_via(&mut self, via: Via) {
-        self.headers
-            .insert(0, Header::new(HeaderName::Via, via.to_string()));
-        self.vias.insert(0, via);
-    }
-
-    /// Puts the Via written `text` on top of the Via list, as written.
+    /// Puts the Via written `text` on top of the Via list, as written (a proxy forwarding a
+    /// request, §16.6 step 8).
     pub fn push_via_text(&mut self, text: ByteString) -> Result<(), SyntaxError> {
         let via = Via::parse(&text)?;
         self.headers

@@ -206,18 +206,17 @@ pub enum ClientState {
     Terminated,
 }
 
-/// What a client transaction tells its TU. Responses are boxed: a [`Message`] is large, and
-/// events are moved through queues.
+/// What a client transaction tells its TU.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientEvent {
     /// A provisional response. Every one is passed up (§17.1.1.2), repeats included: a proxy
     /// forwards 180 and 183, and reliable provisionals (RFC 3262) are retransmitted on purpose.
-    Provisional(Box<Message>),
+    Provisional(Message),
     /// The final response (once per transaction).
-    Final(Box<Message>),
+    Final(Message),
     /// INVITE in Accepted: a further 2xx, retransmitted or from another fork (RFC 6026).
     /// A proxy forwards it upstream like the first.
-    Additional2xx(Box<Message>),
+    Additional2xx(Message),
     /// Timer B or F fired without a final response. A proxy treats it as a 408.
     Timeout,
     /// The transport could not deliver the request (§17.1.4), e.g. ICMP unreachable. A proxy
@@ -238,7 +237,7 @@ pub struct ClientTransaction {
     state: ClientState,
     /// The request, while an answer may still need it (ACK, CANCEL); dropped once a final
     /// response came, so that a transaction lingering for its timers stays small.
-    request: Option<Box<Message>>,
+    request: Option<Message>,
     /// Serialized once: retransmissions are the same bytes (empty once dropped).
     request_bytes: Bytes,
     /// The ACK sent for a 300–699 response, re-sent for each retransmission of it.
@@ -269,7 +268,7 @@ impl ClientTransaction {
             } else {
                 ClientState::Trying
             },
-            request: Some(Box::new(request)),
+            request: Some(request),
             transmits: VecDeque::from([request_bytes.clone()]),
             request_bytes,
             ack: None,
@@ -282,7 +281,7 @@ impl ClientTransaction {
     /// The request this transaction sends (to build a CANCEL with [`cancel_for`]), until a
     /// final response came.
     pub fn request(&self) -> Option<&Message> {
-        self.request.as_deref()
+        self.request.as_ref()
     }
 
     /// After the final response: only the timers and the ACK are left to serve.
@@ -333,30 +332,28 @@ impl ClientTransaction {
                 self.state = Proceeding;
                 self.timers.clear();
                 self.events
-                    .push_back(ClientEvent::Provisional(Box::new(response.clone())));
+                    .push_back(ClientEvent::Provisional(response.clone()));
             }
             (Calling | Proceeding, Class::Success) => {
                 self.timers.clear();
                 self.forget_request();
                 self.state = Accepted;
                 self.timers.linger = deadline(now, self.config.timeout());
-                self.events
-                    .push_back(ClientEvent::Final(Box::new(response.clone())));
+                self.events.push_back(ClientEvent::Final(response.clone()));
             }
             (Accepted, Class::Success) => {
                 self.events
-                    .push_back(ClientEvent::Additional2xx(Box::new(response.clone())));
+                    .push_back(ClientEvent::Additional2xx(response.clone()));
             }
             (Calling | Proceeding, Class::Failure) => {
-                let Some(request) = self.request.as_deref() else {
+                let Some(request) = self.request.as_ref() else {
                     return;
                 };
                 let ack = ack_for(request, response).to_bytes();
                 self.forget_request();
                 self.transmits.push_back(ack.clone());
                 self.ack = Some(ack);
-                self.events
-                    .push_back(ClientEvent::Final(Box::new(response.clone())));
+                self.events.push_back(ClientEvent::Final(response.clone()));
                 self.timers.clear();
                 let wait = if self.reliable {
                     Duration::ZERO
@@ -383,13 +380,12 @@ impl ClientTransaction {
                 // Timer E keeps running; once it fires in Proceeding it repeats every T2.
                 self.state = Proceeding;
                 self.events
-                    .push_back(ClientEvent::Provisional(Box::new(response.clone())));
+                    .push_back(ClientEvent::Provisional(response.clone()));
             }
             (Trying | Proceeding, Class::Success | Class::Failure) => {
                 self.timers.clear();
                 self.forget_request();
-                self.events
-                    .push_back(ClientEvent::Final(Box::new(response.clone())));
+                self.events.push_back(ClientEvent::Final(response.clone()));
                 let wait = if self.reliable {
                     Duration::ZERO
                 } else {
@@ -513,7 +509,7 @@ pub struct ServerTransaction {
     config: TimerConfig,
     state: ServerState,
     /// The request, until a final response was sent (responses are built from it).
-    request: Option<Box<Message>>,
+    request: Option<Message>,
     /// The last response sent: re-sent for request retransmissions and on timer G.
     last_response: Option<Bytes>,
     timers: Timers,
@@ -537,7 +533,7 @@ impl ServerTransaction {
             } else {
                 ServerState::Trying
             },
-            request: Some(Box::new(request.clone())),
+            request: Some(request.clone()),
             last_response: None,
             timers: Timers::default(),
             transmits: VecDeque::new(),
@@ -548,7 +544,7 @@ impl ServerTransaction {
     /// The request that created the transaction (to build responses to it), until a final
     /// response was sent.
     pub fn request(&self) -> Option<&Message> {
-        self.request.as_deref()
+        self.request.as_ref()
     }
 
     /// The current state.
@@ -1594,10 +1590,7 @@ Content-Length: 0\r\n\r\n";
         let trying = options.response(100, "Trying", None);
         tx.handle_response(t0 + ms(1000), &trying);
         assert_eq!(tx.state(), ClientState::Proceeding);
-        assert_eq!(
-            tx.poll_event(),
-            Some(ClientEvent::Provisional(Box::new(trying)))
-        );
+        assert_eq!(tx.poll_event(), Some(ClientEvent::Provisional(trying)));
         let sent = run(&mut tx, t0, 60_000);
         assert_eq!(
             offsets(&sent),
@@ -1647,12 +1640,9 @@ Content-Length: 0\r\n\r\n";
         tx.handle_response(t0 + ms(150), &ringing);
         assert_eq!(
             tx.poll_event(),
-            Some(ClientEvent::Provisional(Box::new(ringing.clone())))
+            Some(ClientEvent::Provisional(ringing.clone()))
         );
-        assert_eq!(
-            tx.poll_event(),
-            Some(ClientEvent::Provisional(Box::new(ringing)))
-        );
+        assert_eq!(tx.poll_event(), Some(ClientEvent::Provisional(ringing)));
         assert_eq!(tx.state(), ClientState::Proceeding);
         // Proceeding: no more retransmissions, and no timer B.
         assert_eq!(tx.poll_timeout(), None);
@@ -1660,10 +1650,7 @@ Content-Length: 0\r\n\r\n";
         let busy = invite.response(486, "Busy Here", Some("b1"));
         let at = t0 + ms(5000);
         tx.handle_response(at, &busy);
-        assert_eq!(
-            tx.poll_event(),
-            Some(ClientEvent::Final(Box::new(busy.clone())))
-        );
+        assert_eq!(tx.poll_event(), Some(ClientEvent::Final(busy.clone())));
         assert_eq!(tx.state(), ClientState::Completed);
         let sent = drain(&mut tx);
         assert_eq!(sent.len(), 1);
@@ -1715,17 +1702,11 @@ Content-Length: 0\r\n\r\n";
         drain(&mut tx);
         let progress = invite.response(183, "Session Progress", Some("b1"));
         tx.handle_response(t0 + ms(100), &progress);
-        assert_eq!(
-            tx.poll_event(),
-            Some(ClientEvent::Provisional(Box::new(progress)))
-        );
+        assert_eq!(tx.poll_event(), Some(ClientEvent::Provisional(progress)));
         let ok = invite.response(200, "OK", Some("b1"));
         let other_fork = invite.response(200, "OK", Some("b2"));
         tx.handle_response(t0 + ms(200), &ok);
-        assert_eq!(
-            tx.poll_event(),
-            Some(ClientEvent::Final(Box::new(ok.clone())))
-        );
+        assert_eq!(tx.poll_event(), Some(ClientEvent::Final(ok.clone())));
         assert_eq!(tx.state(), ClientState::Accepted);
         // Lingering for timer M, it keeps nothing of the request.
         assert!(tx.request().is_none() && tx.request_bytes.is_empty());
@@ -1734,13 +1715,10 @@ Content-Length: 0\r\n\r\n";
         tx.handle_response(t0 + ms(700), &ok);
         tx.handle_response(t0 + ms(800), &other_fork);
         tx.handle_response(t0 + ms(900), &invite.response(180, "Ringing", Some("b3")));
+        assert_eq!(tx.poll_event(), Some(ClientEvent::Additional2xx(ok)));
         assert_eq!(
             tx.poll_event(),
-            Some(ClientEvent::Additional2xx(Box::new(ok)))
-        );
-        assert_eq!(
-            tx.poll_event(),
-            Some(ClientEvent::Additional2xx(Box::new(other_fork)))
+            Some(ClientEvent::Additional2xx(other_fork))
         );
         assert_eq!(tx.poll_event(), None);
         assert_eq!(tx.poll_timeout(), Some(t0 + ms(200 + 32_000)));
