@@ -367,13 +367,18 @@ impl SipTransport {
         }
         let inbox = Inbox {
             queue: rx,
-            udp: transport.inner.udp.clone(),
+            udp: (transport.inner.udp.iter())
+                .map(|(local, sock)| UdpIn {
+                    local: *local,
+                    sock: sock.clone(),
+                    wait: None,
+                    batch: UDP_MIN_BATCH,
+                })
+                .collect(),
             shut: transport.inner.shut.clone(),
             ready: VecDeque::new(),
             buf: vec![0; UDP_BATCH * UDP_SLOT],
-            waits: transport.inner.udp.iter().map(|_| None).collect(),
             next: 0,
-            batch: vec![UDP_MIN_BATCH; transport.inner.udp.len()],
         };
         Ok((transport, inbox))
     }
@@ -690,19 +695,25 @@ const UDP_SLOT: usize = 65_535;
 /// cost more than the parse). TCP and TLS messages and failed sends come through a queue.
 pub struct Inbox {
     queue: mpsc::Receiver<Incoming>,
-    udp: Vec<(SocketAddr, Arc<UdpSocket>)>,
+    udp: Vec<UdpIn>,
     shut: Arc<AtomicBool>,
     /// Read but not yet handed out.
     ready: VecDeque<Incoming>,
     /// `UDP_BATCH` slots of `UDP_SLOT` bytes.
     buf: Vec<u8>,
-    /// Each socket's wait for a datagram or a queued ICMP error (`poll_recv_ready` sees no
-    /// errors: tokio's `recv_from` waits for `READABLE | ERROR`).
-    waits: Vec<Option<UdpWait>>,
     /// The socket looked at first next time, so that a busy one does not starve the others.
     next: usize,
-    /// Each socket's next read size.
-    batch: Vec<usize>,
+}
+
+/// One UDP socket as the [`Inbox`] reads it.
+struct UdpIn {
+    local: SocketAddr,
+    sock: Arc<UdpSocket>,
+    /// The wait for a datagram or a queued ICMP error (`poll_recv_ready` sees no errors:
+    /// tokio's `recv_from` waits for `READABLE | ERROR`).
+    wait: Option<UdpWait>,
+    /// The next read's size.
+    batch: usize,
 }
 
 type UdpWait =
@@ -728,7 +739,6 @@ impl Inbox {
                     queue,
                     udp,
                     shut,
-                    waits,
                     next,
                     ..
                 } = &mut *self;
@@ -741,9 +751,10 @@ impl Inbox {
                 let n = udp.len();
                 for k in 0..n {
                     let i = (*next + k) % n;
-                    let wait = waits[i].get_or_insert_with(|| udp_wait(&udp[i].1));
+                    let u = &mut udp[i];
+                    let wait = u.wait.get_or_insert_with(|| udp_wait(&u.sock));
                     if wait.as_mut().poll(cx).is_ready() {
-                        waits[i] = None;
+                        u.wait = None;
                         *next = (i + 1) % n;
                         return std::task::Poll::Ready(Ok(i));
                     }
@@ -778,17 +789,19 @@ impl Inbox {
     fn read_udp(&mut self, i: usize) {
         use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
         use std::os::fd::AsRawFd;
-        let (local, sock) = &self.udp[i];
-        let batch = self.batch[i];
+        let UdpIn {
+            local, sock, batch, ..
+        } = &mut self.udp[i];
+        let batch_now = *batch;
         let mut received = Vec::new();
         let read = {
             let mut slots: Vec<[io::IoSliceMut<'_>; 1]> = self
                 .buf
                 .chunks_mut(UDP_SLOT)
-                .take(batch)
+                .take(batch_now)
                 .map(|slot| [io::IoSliceMut::new(slot)])
                 .collect();
-            let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(batch, None);
+            let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(batch_now, None);
             sock.try_io(tokio::io::Interest::READABLE, || {
                 let msgs = recvmmsg(
                     sock.as_raw_fd(),
@@ -803,7 +816,7 @@ impl Inbox {
                 // A short read emptied the socket: said as WouldBlock, tokio forgets the
                 // readiness, so the next look waits for new data instead of costing a system
                 // call to find none (a datagram arriving meanwhile sets it again).
-                if received.len() < batch {
+                if received.len() < batch_now {
                     return Err(io::ErrorKind::WouldBlock.into());
                 }
                 Ok(())
@@ -811,7 +824,7 @@ impl Inbox {
         };
         // Batches grow while reads fill them and shrink when traffic is light: each read
         // prepares (and clears) room for a whole batch.
-        self.batch[i] = (received.len() * 2).clamp(UDP_MIN_BATCH, UDP_BATCH);
+        *batch = (received.len() * 2).clamp(UDP_MIN_BATCH, UDP_BATCH);
         // A queued ICMP error sets ERROR readiness only (no EPOLLIN): drain it here, and clear
         // that readiness (tokio's try_io with a combined interest never runs its closure).
         let ready = &mut self.ready;
@@ -1077,7 +1090,7 @@ mod tests {
         assert_eq!(ids, want);
         // Emptied: the socket is not read again until a datagram comes.
         assert!(inbox.try_recv().is_none());
-        assert_eq!(inbox.batch[0], UDP_MIN_BATCH);
+        assert_eq!(inbox.udp[0].batch, UDP_MIN_BATCH);
         transport.shutdown();
     }
 
