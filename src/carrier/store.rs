@@ -1038,6 +1038,21 @@ async fn in_savepoint<'q>(
 }
 
 /// `SELECT <every trunk group column> FROM trunk_groups <rest>`.
+/// The columns of [`select_trunk_groups!`], in its order (a test holds the two together).
+const TRUNK_GROUP_COLUMNS: [&str; 11] = [
+    "id",
+    "account_id",
+    "name",
+    "username",
+    "realm",
+    "ha1_md5",
+    "ha1_sha256",
+    "created_at",
+    "failover_number",
+    "failover_pbx_uri",
+    "failover_pbx_trunk_group",
+];
+
 macro_rules! select_trunk_groups {
     ($rest:literal) => {
         concat!(
@@ -1564,21 +1579,15 @@ impl Store {
     }
 
     async fn scan_trunk_groups_in_chunks(&self, chunk: i64) -> Result<Vec<TrunkGroup>, StoreError> {
-        const COLUMNS: [&str; 11] = [
-            "id",
-            "account_id",
-            "name",
-            "username",
-            "realm",
-            "ha1_md5",
-            "ha1_sha256",
-            "created_at",
-            "failover_number",
-            "failover_pbx_uri",
-            "failover_pbx_trunk_group",
-        ];
         let mut tx = self.begin_snapshot().await?;
-        let scan = JoinedScan::new(self.backend, "trunk_groups", "id", &COLUMNS, &[], chunk);
+        let scan = JoinedScan::new(
+            self.backend,
+            "trunk_groups",
+            "id",
+            &TRUNK_GROUP_COLUMNS,
+            &[],
+            chunk,
+        );
         let mut groups = Vec::new();
         scan.run(&mut tx, i64::MIN, |chunk| {
             chunk.read_into(&mut groups, trunk_group_from_text)
@@ -3111,6 +3120,15 @@ mod tests {
             let scanned = store.scan_dids_in_chunks(chunk, |_, _, _| n += 1).await;
             assert_eq!(scanned.map(|()| n).ok(), listed.as_ref().ok().copied());
         }
+    }
+
+    #[test]
+    fn the_trunk_group_scan_reads_the_columns_the_select_does() {
+        let select = format!(
+            "SELECT {} FROM trunk_groups ",
+            TRUNK_GROUP_COLUMNS.join(", ")
+        );
+        assert_eq!(select_trunk_groups!(""), select);
     }
 
     #[tokio::test]
