@@ -510,6 +510,43 @@ fn cancel_gets_its_own_transaction_and_finds_the_invite() {
 }
 
 #[test]
+fn sent_by_host_names_match_whatever_their_case() {
+    // §17.2.3 compares sent-by as a host (§19.1.4: names case-insensitively). The key is filed
+    // from the first copy's case; later copies and the CANCEL may differ.
+    let t0 = Instant::now();
+    let mut t = table();
+    let named = INVITE_IN.replace("198.51.100.7:5060;", "PBX.Example.com:5060;");
+    let invite = msg(&named);
+    let RequestDisposition::New(id) = t.handle_request(t0, &invite, "pbx", false) else {
+        panic!("a new request")
+    };
+    for host in ["pbx.example.com", "PBX.EXAMPLE.COM", "PBX.Example.com"] {
+        let copy = msg(&named.replace("PBX.Example.com", host));
+        assert_eq!(
+            t.handle_request(t0 + ms(100), &copy, "pbx", false),
+            RequestDisposition::Absorbed,
+            "{host}"
+        );
+        assert_eq!(
+            t.find_invite_for_cancel(&cancel_for(&copy)),
+            Some(id),
+            "{host}"
+        );
+    }
+    // Another name is another transaction.
+    let other = msg(&named.replace("PBX.Example.com", "pbx2.example.com"));
+    assert!(matches!(
+        t.handle_request(t0 + ms(200), &other, "pbx", false),
+        RequestDisposition::New(o) if o != id
+    ));
+    assert_eq!(
+        t.find_invite_for_cancel(&cancel_for(&other))
+            .map(|o| o == id),
+        Some(false)
+    );
+}
+
+#[test]
 fn rfc2543_requests_are_matched_field_by_field() {
     let t0 = Instant::now();
     let mut t = table();

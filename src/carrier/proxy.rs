@@ -38,10 +38,11 @@ use super::delivery_rule::{
 use super::registrar::Contact;
 use super::registrar::unix_ms;
 use super::store::TrunkGroupId;
+use crate::sip::digest::HmacKey;
 use crate::sip::message::{Header, HeaderName, Message};
 use crate::sip::transaction::{ClientEvent, ClientId, ClientState, ServerId, Transactions};
 use crate::sip::transport::{ConnId, Flow, ListenSpec, Transport};
-use crate::sip::uri::{Host, SipUri, Uri};
+use crate::sip::uri::{Host, SipUri, Uri, V4Text, push_decimal, push_host_port};
 
 // === Addresses and CIDRs ===
 
@@ -327,7 +328,7 @@ struct Call {
 pub struct Proxy {
     config: Arc<ProxyConfig>,
     /// Key of the dialog tokens in this server's Record-Route (see [`dialog_token`]).
-    dialog_key: [u8; 32],
+    dialog_key: HmacKey,
     /// The listen addresses: where branches are sent from.
     bound: Vec<ListenSpec>,
     calls: IdMap<ServerId, Call>,
@@ -362,7 +363,7 @@ pub struct ResolveRequest {
 }
 
 impl Proxy {
-    pub fn new(config: ProxyConfig, dialog_key: [u8; 32], bound: Vec<ListenSpec>) -> Proxy {
+    pub fn new(config: ProxyConfig, dialog_key: HmacKey, bound: Vec<ListenSpec>) -> Proxy {
         Proxy {
             config: Arc::new(config),
             dialog_key,
@@ -387,7 +388,7 @@ impl Proxy {
     }
 
     /// The key of this server's dialog tokens.
-    pub fn dialog_key(&self) -> &[u8; 32] {
+    pub fn dialog_key(&self) -> &HmacKey {
         &self.dialog_key
     }
 
@@ -614,6 +615,7 @@ impl Proxy {
                     let span = c.span.clone();
                     let _g = span.enter();
                     let mut current = None;
+                    let mut is_final = false;
                     let untrusted = untrusted_branch(c, branch);
                     let (bound, key) = (&self.bound, &self.dialog_key);
                     let prepare = |m: &mut Message| prepare_answer(m, bound, key, untrusted);
@@ -632,16 +634,22 @@ impl Proxy {
                         ClientEvent::Final(mut m) | ClientEvent::Additional2xx(mut m) => {
                             prepare(&mut m);
                             let status = m.status().unwrap_or(500);
-                            c.finals.insert(branch, m.clone());
                             c.delivery.handle_response(now, branch, status);
                             current = Some(m);
+                            is_final = true;
                         }
                         ClientEvent::Timeout => c.delivery.handle_response(now, branch, 408),
                         ClientEvent::TransportError => {
                             c.delivery.handle_transport_error(now, branch)
                         }
                     }
-                    self.drive(now, tx, call, current.map(|m| (branch, m)));
+                    let unused = self.drive(now, tx, call, current.map(|m| (branch, m)));
+                    // A final the actions did not pass on is kept for a later answer.
+                    if let Some((branch, m)) = unused.filter(|_| is_final)
+                        && let Some(c) = self.calls.get_mut(&call)
+                    {
+                        c.finals.insert(branch, m);
+                    }
                 }
                 self.sweep_call(call, tx);
             }
@@ -687,14 +695,15 @@ impl Proxy {
     }
 
     /// Carries out the delivery's actions for call `id`; `current` is the response just fed.
+    /// Returns `current` unless an action passed it on.
     fn drive(
         &mut self,
         now: Instant,
         tx: &mut Transactions<Flow>,
         id: ServerId,
         current: Option<(BranchId, Message)>,
-    ) {
-        self.drive_actions(now, tx, id, current);
+    ) -> Option<(BranchId, Message)> {
+        let unused = self.drive_actions(now, tx, id, current);
         // Re-arm the call's delivery timer when it moved.
         if let Some(call) = self.calls.get_mut(&id) {
             let deadline = call.delivery.poll_timeout();
@@ -705,6 +714,7 @@ impl Proxy {
                 }
             }
         }
+        unused
     }
 
     fn drive_actions(
@@ -713,9 +723,9 @@ impl Proxy {
         tx: &mut Transactions<Flow>,
         id: ServerId,
         mut current: Option<(BranchId, Message)>,
-    ) {
+    ) -> Option<(BranchId, Message)> {
         let Some(call) = self.calls.get_mut(&id) else {
-            return;
+            return current;
         };
         while let Some(action) = call.delivery.poll_action() {
             match action {
@@ -798,16 +808,20 @@ impl Proxy {
                     }
                 }
                 Action::RelayAnswer { branch, .. } => {
-                    let m = match &current {
-                        Some((b, m)) if *b == branch => Some(m.clone()),
-                        _ => call.finals.get(&branch).cloned(),
+                    // The response just fed is taken, so the relay edits it without a copy.
+                    let m = match current.take_if(|(b, _)| *b == branch) {
+                        Some((_, m)) => Some(m),
+                        None => call.finals.get(&branch).cloned(),
                     };
                     if let Some(m) = m {
                         relay_answer(now, tx, &mut self.transmits, id, call.reply_to, m);
                     }
                 }
                 Action::Respond { status, from } => {
-                    let from_msg = from.and_then(|b| call.finals.get(&b).cloned());
+                    let from_msg = from.and_then(|b| match current.take_if(|(cb, _)| *cb == b) {
+                        Some((_, m)) => Some(m),
+                        None => call.finals.get(&b).cloned(),
+                    });
                     let response = match from_msg {
                         Some(m) if m.status() == Some(status) => m,
                         Some(m) => with_status(&m, status).unwrap_or_else(|| {
@@ -869,6 +883,7 @@ impl Proxy {
                 }
             }
         }
+        current
     }
 
     /// Forgets call `id` once its caller has its final answer. Its branches that still live
@@ -1039,7 +1054,7 @@ fn relay_answer(
 
 /// A branch's answer made fit for the caller: our Record-Route rewritten, and the
 /// P-Asserted-Identity of an untrusted branch removed.
-fn prepare_answer(m: &mut Message, bound: &[ListenSpec], key: &[u8; 32], untrusted: bool) {
+fn prepare_answer(m: &mut Message, bound: &[ListenSpec], key: &HmacKey, untrusted: bool) {
     rewrite_record_route(m, bound, key);
     if untrusted {
         m.remove_headers(&pai_header());
@@ -1191,7 +1206,7 @@ fn branch_for(
     target: &Target<BranchTarget>,
     config: &ProxyConfig,
     bound: &[ListenSpec],
-    dialog_key: &[u8; 32],
+    dialog_key: &HmacKey,
 ) -> Result<(Message, BranchTarget), &'static str> {
     match target {
         Target::Binding(t) | Target::FailoverPbx(t) => {
@@ -1311,7 +1326,7 @@ fn diverted(req: &Message, did: &str, number: Option<&str>) -> bool {
 /// The INVITE for one branch (RFC 3261 §16.6): the Request-URI `target.uri`, one hop less,
 /// P-Asserted-Identity only from a trusted source, no tried-by mark, this server's
 /// Record-Route and Via.
-fn branch_request(call: &Call, target: &BranchTarget, dialog_key: &[u8; 32]) -> Message {
+fn branch_request(call: &Call, target: &BranchTarget, dialog_key: &HmacKey) -> Message {
     let mut m = call.request.clone();
     let mut uri = target.uri.clone();
     uri.password = None;
@@ -1333,32 +1348,37 @@ fn branch_request(call: &Call, target: &BranchTarget, dialog_key: &[u8; 32]) -> 
         call.request.call_id(),
         &target_key(contact_uri(&call.request).as_ref()),
     );
-    m.insert_header_first(Header::new(
-        HeaderName::RecordRoute,
-        format!(
-            "<sip:{}{transport_param};lr;{DIALOG_PARAM}={token}>",
-            host_port(call.flow.local)
-        ),
-    ));
+    let mut rr = String::with_capacity(80);
+    rr.push_str("<sip:");
+    push_host_port(&mut rr, call.flow.local);
+    for part in [transport_param, ";lr;", DIALOG_PARAM, "=", &token, ">"] {
+        rr.push_str(part);
+    }
+    m.insert_header_first(Header::new(HeaderName::RecordRoute, rr));
     push_our_via(&mut m, target.dest.transport, target.dest.local);
     m
 }
 
 /// Puts this server's Via, with a fresh branch, on top of `m`: written once, parsed once.
 fn push_our_via(m: &mut Message, transport: Transport, local: SocketAddr) {
-    let text = format!(
-        "SIP/2.0/{} {};branch=z9hG4bK{:016x}{:08x};rport",
-        transport.as_str(),
-        host_port(local),
-        rand::random::<u64>(),
-        rand::random::<u32>()
-    );
+    let mut text = String::with_capacity(80);
+    text.push_str("SIP/2.0/");
+    text.push_str(transport.as_str());
+    text.push(' ');
+    push_host_port(&mut text, local);
+    text.push_str(";branch=z9hG4bK");
+    let mut random = [0u8; 12];
+    rand::fill(&mut random);
+    text.push_str(&hex::encode(random));
+    text.push_str(";rport");
     m.push_via_text(ByteString::from(text))
         .expect("our own Via parses");
 }
 
 fn host_port(addr: SocketAddr) -> String {
-    format!("{}:{}", Host::from(addr.ip()), addr.port())
+    let mut text = String::with_capacity(48);
+    push_host_port(&mut text, addr);
+    text
 }
 
 /// The numeric address of a SIP URI (maddr ignored); `None` for a host name.
@@ -1394,16 +1414,13 @@ pub const DIALOG_PARAM: &str = "lld";
 /// anywhere; without the target, a party of one call could reuse its token to reach any
 /// address, the PSTN gateway included (toll fraud). A target refreshed by a re-INVITE is not
 /// followed: requests to the new Contact are refused.
-pub fn dialog_token(key: &[u8; 32], call_id: &str, target: &str) -> String {
-    let mac = crate::sip::digest::hmac_sha256(
-        key,
-        &[
-            b"lifeline dialog",
-            call_id.as_bytes(),
-            b"\0",
-            target.as_bytes(),
-        ],
-    );
+pub fn dialog_token(key: &HmacKey, call_id: &str, target: &str) -> String {
+    let mac = key.mac(&[
+        b"lifeline dialog",
+        call_id.as_bytes(),
+        b"\0",
+        target.as_bytes(),
+    ]);
     hex::encode(&mac[..12])
 }
 
@@ -1412,7 +1429,14 @@ pub fn dialog_token(key: &[u8; 32], call_id: &str, target: &str) -> String {
 pub fn target_key(uri: Option<&Uri>) -> String {
     match uri.and_then(|u| u.as_sip()) {
         Some(u) => {
-            let mut key = format!("{}:{}", u.host, u.port.unwrap_or(5060));
+            let mut key = String::with_capacity(48);
+            match &u.host {
+                Host::Name(n) => key.push_str(n),
+                Host::V4(a) => key.push_str(V4Text::new(*a).as_str()),
+                h @ Host::V6(_) => key.push_str(&h.to_string()),
+            }
+            key.push(':');
+            push_decimal(&mut key, u.port.unwrap_or(5060).into());
             key.make_ascii_lowercase();
             key
         }
@@ -1430,7 +1454,7 @@ fn contact_uri(m: &Message) -> Option<Uri> {
 
 /// In a response of the callee, binds this server's Record-Route token to the callee's Contact:
 /// the caller's requests of the dialog are sent there.
-fn rewrite_record_route(m: &mut Message, bound: &[ListenSpec], key: &[u8; 32]) {
+fn rewrite_record_route(m: &mut Message, bound: &[ListenSpec], key: &HmacKey) {
     let Ok(routes) = m.name_addrs(&HeaderName::RecordRoute) else {
         return;
     };
@@ -1464,7 +1488,7 @@ fn rewrite_record_route(m: &mut Message, bound: &[ListenSpec], key: &[u8; 32]) {
 /// Whether the request's top Route names this server and carries the dialog token of the
 /// request's Call-ID and Request-URI: the dialog was set up through this server, and the
 /// request goes to a party of it.
-pub fn routed_through_us(req: &Message, bound: &[ListenSpec], key: &[u8; 32]) -> bool {
+pub fn routed_through_us(req: &Message, bound: &[ListenSpec], key: &HmacKey) -> bool {
     let Some(top) = req
         .name_addrs(&HeaderName::Route)
         .ok()
@@ -1581,8 +1605,21 @@ mod tests {
     }
 
     #[test]
+    fn a_target_key_is_the_lower_case_host_and_port() {
+        let key = |u: &str| target_key(Some(&Uri::parse(&ByteString::from(u)).unwrap()));
+        assert_eq!(key("sip:a@PBX.Example.com"), "pbx.example.com:5060");
+        assert_eq!(
+            key("sip:a@203.0.113.9:5070;transport=udp"),
+            "203.0.113.9:5070"
+        );
+        assert_eq!(key("sips:a@[2001:DB8::1]:5061"), "[2001:db8::1]:5061");
+        assert_eq!(key("tel:+15551234567"), "");
+        assert_eq!(target_key(None), "");
+    }
+
+    #[test]
     fn a_dialog_token_is_good_only_towards_the_target_it_binds() {
-        let key = [7u8; 32];
+        let key = HmacKey::new(&[7u8; 32]);
         let caller = "sip:caller@127.0.0.14:5070";
         let token = dialog_token(&key, "c1", "127.0.0.14:5070");
         assert!(routed_through_us(
@@ -1598,7 +1635,7 @@ mod tests {
         assert!(!routed_through_us(
             &in_dialog(caller, &other),
             &bound(),
-            &[8u8; 32]
+            &HmacKey::new(&[8u8; 32])
         ));
         assert!(!routed_through_us(
             &in_dialog(caller, &other),
@@ -1609,7 +1646,7 @@ mod tests {
 
     #[test]
     fn the_callees_answer_binds_the_token_to_its_contact() {
-        let key = [7u8; 32];
+        let key = HmacKey::new(&[7u8; 32]);
         let text = "SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 127.0.0.14:5070;branch=z9hG4bK1\r\n\
                     Record-Route: <sip:127.0.0.20:5060;lr;lld=aaaa>, <sip:127.0.0.10:5060;lr;lld=bbbb>\r\n\
                     From: <sip:a@127.0.0.14>;tag=1\r\nTo: <sip:b@127.0.0.10>;tag=2\r\n\

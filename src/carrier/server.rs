@@ -33,6 +33,7 @@ use super::proxy::{NewCall, Proxy, ResolveRequest, routed_through_us};
 use super::registrar::{Contact, Registrar, unix_ms};
 use super::store::{Store, StoreError, TrunkGroupId};
 use crate::sip::digest::Authenticator;
+use crate::sip::digest::HmacKey;
 use crate::sip::message::{Header, HeaderName, Message, Method, ParseError};
 use crate::sip::resolve::{Lookup, SipResolver};
 use crate::sip::transaction::{Event, RequestDisposition, ServerEvent, ServerId, Transactions};
@@ -280,7 +281,11 @@ pub async fn start(settings: Settings) -> Result<RunningCarrier, StartError> {
         },
         registrar,
         customers,
-        proxy: Proxy::new(settings.proxy.clone(), dialog_key, bound.clone()),
+        proxy: Proxy::new(
+            settings.proxy.clone(),
+            HmacKey::new(&dialog_key),
+            bound.clone(),
+        ),
         prober: Prober::new(settings.probe),
         presence,
         call_log,

@@ -861,7 +861,14 @@ impl Message {
             return false;
         }
         self.vias.remove(0);
-        self.rewrite_vias();
+        // Usually the top Via is a line of its own (one value, so no comma): drop the line
+        // rather than write every other Via again.
+        match self.headers.iter().position(|h| h.name == HeaderName::Via) {
+            Some(i) if !self.headers[i].value().contains(&b',') => {
+                self.headers.remove(i);
+            }
+            _ => self.rewrite_vias(),
+        }
         true
     }
 
@@ -1034,14 +1041,29 @@ impl Message {
         );
         match &self.start {
             StartLine::Request { method, uri } => {
-                let mut w = StrOut(&mut out);
-                let _ = match &self.raw_uri {
-                    Some(raw) => write!(w, "{method} {raw} SIP/2.0\r\n"),
-                    None => write!(w, "{method} {uri} SIP/2.0\r\n"),
-                };
+                out.put_slice(method.as_str().as_bytes());
+                out.put_u8(b' ');
+                match &self.raw_uri {
+                    Some(raw) => out.put_slice(raw.as_bytes()),
+                    None => {
+                        let _ = write!(StrOut(&mut out), "{uri}");
+                    }
+                }
+                out.put_slice(b" SIP/2.0\r\n");
             }
             StartLine::Response { code, reason } => {
-                let _ = write!(StrOut(&mut out), "SIP/2.0 {code} ");
+                out.put_slice(b"SIP/2.0 ");
+                match code {
+                    100..=999 => out.put_slice(&[
+                        b'0' + (code / 100) as u8,
+                        b'0' + (code / 10 % 10) as u8,
+                        b'0' + (code % 10) as u8,
+                        b' ',
+                    ]),
+                    _ => {
+                        let _ = write!(StrOut(&mut out), "{code} ");
+                    }
+                }
                 out.put_slice(reason);
                 out.put_slice(b"\r\n");
             }
@@ -1540,6 +1562,38 @@ Content-Length: 4\r\n\r\nv=0\n";
         assert_eq!(m.vias().len(), 2);
         assert_eq!(m.vias()[1].port, Some(5070));
         assert_eq!(m.vias()[1].host, Host::V6("::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn popping_the_top_via_keeps_the_others_as_written() {
+        let raw = "SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP a;branch=z9hG4bK1\r\nCSeq: 1 BYE\r\n\
+v: SIP/2.0/UDP b;branch=z9hG4bK2 , SIP/2.0/TCP c;branch=z9hG4bK3\r\nVia: SIP/2.0/UDP d\r\n\
+From: <sip:a@b>;tag=1\r\nTo: <sip:x@y>;tag=2\r\nCall-ID: abc\r\nContent-Length: 0\r\n\r\n";
+        let mut m = Message::parse(Bytes::from(raw)).unwrap();
+        let hosts = |m: &Message| {
+            m.vias()
+                .iter()
+                .map(|v| v.host.to_string())
+                .collect::<Vec<_>>()
+        };
+        let text = |m: &Message| String::from_utf8(m.to_bytes().to_vec()).unwrap();
+        // A line of its own goes; the rest stay as they came, compact form included.
+        assert!(m.pop_via());
+        assert_eq!(hosts(&m), ["b", "c", "d"]);
+        assert!(text(&m).starts_with(
+            "SIP/2.0 200 OK\r\nCSeq: 1 BYE\r\nv: SIP/2.0/UDP b;branch=z9hG4bK2 , SIP/2.0/TCP"
+        ));
+        // The first of two values on one line: that line is written again with the second.
+        assert!(m.pop_via());
+        assert_eq!(hosts(&m), ["c", "d"]);
+        let again = Message::parse(m.to_bytes()).unwrap();
+        assert_eq!(hosts(&again), ["c", "d"]);
+        assert_eq!(again.top_via().branch(), Some("z9hG4bK3"));
+        assert!(!text(&m).contains("z9hG4bK2"));
+        assert!(m.pop_via());
+        assert_eq!(hosts(&m), ["d"]);
+        assert!(!m.pop_via(), "the last Via stays");
+        assert_eq!(Message::parse(m.to_bytes()).unwrap().vias().len(), 1);
     }
 
     #[test]

@@ -38,16 +38,32 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::hash::{Hash, Hasher, RandomState};
+use std::sync::Arc;
+use std::time::Duration;
 
 use super::IdMap;
-use std::hash::Hash;
-use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::message::{Header, HeaderName, Message, Method, Via};
 use super::uri::{Host, Uri};
+
+/// A map keyed by what peers choose (branches, hosts): SipHash with a random key, and lookups
+/// by borrowed parts ([`hashbrown::Equivalent`]) so that matching a message allocates nothing.
+type WireMap<K, V> = hashbrown::HashMap<K, V, RandomState>;
+
+/// Pops the next item of a transaction's output queue. A transaction that kept no request
+/// only lingers for its timers: its emptied queue gives its buffer back rather than holding
+/// it for the 32 s a lingering transaction may live.
+fn pop_output<T>(queue: &mut VecDeque<T>, lingering: bool) -> Option<T> {
+    let next = queue.pop_front();
+    if lingering && queue.is_empty() && queue.capacity() > 0 {
+        *queue = VecDeque::new();
+    }
+    next
+}
 
 /// Max-Forwards of the ACK and CANCEL this layer builds (RFC 3261 §8.1.1.6).
 const MAX_FORWARDS: u32 = 70;
@@ -458,12 +474,12 @@ impl ClientTransaction {
 
     /// The next bytes to send to the peer.
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
-        self.transmits.pop_front()
+        pop_output(&mut self.transmits, self.request.is_none())
     }
 
     /// The next event for the TU.
     pub fn poll_event(&mut self) -> Option<ClientEvent> {
-        self.events.pop_front()
+        pop_output(&mut self.events, self.request.is_none())
     }
 }
 
@@ -700,12 +716,12 @@ impl ServerTransaction {
 
     /// The next bytes to send to the peer.
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
-        self.transmits.pop_front()
+        pop_output(&mut self.transmits, self.request.is_none())
     }
 
     /// The next event for the TU.
     pub fn poll_event(&mut self) -> Option<ServerEvent> {
-        self.events.pop_front()
+        pop_output(&mut self.events, self.request.is_none())
     }
 }
 
@@ -824,12 +840,13 @@ pub enum RequestDisposition {
 }
 
 /// The key of a server transaction (§17.2.3).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum ServerKey {
     /// RFC 3261: branch, sent-by and method. ACK is filed under INVITE: it matches the INVITE
     /// transaction it acknowledges. Sent-by guards against two clients choosing one branch.
+    /// The branch is shared with the entry's copy of the key.
     Branch {
-        branch: Box<str>,
+        branch: Arc<str>,
         host: Host,
         port: Option<u16>,
         method: Method,
@@ -837,6 +854,61 @@ enum ServerKey {
     /// RFC 2543: no magic cookie, so the request's identity is matched field by field.
     Legacy(Box<LegacyKey>),
 }
+
+/// A [`ServerKey::Branch`] made of borrowed parts, to look one up without building it.
+#[derive(Clone, Copy)]
+struct BranchKeyRef<'a> {
+    branch: &'a str,
+    host: &'a Host,
+    port: Option<u16>,
+    method: &'a Method,
+}
+
+impl Hash for BranchKeyRef<'_> {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        h.write_u8(0);
+        self.branch.hash(h);
+        self.host.hash(h);
+        self.port.hash(h);
+        self.method.hash(h);
+    }
+}
+
+impl Hash for ServerKey {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        match self {
+            ServerKey::Branch {
+                branch,
+                host,
+                port,
+                method,
+            } => BranchKeyRef {
+                branch,
+                host,
+                port: *port,
+                method,
+            }
+            .hash(h),
+            ServerKey::Legacy(k) => {
+                h.write_u8(1);
+                k.hash(h);
+            }
+        }
+    }
+}
+
+impl hashbrown::Equivalent<ServerKey> for BranchKeyRef<'_> {
+    fn equivalent(&self, key: &ServerKey) -> bool {
+        matches!(key, ServerKey::Branch { branch, host, port, method }
+            if **branch == *self.branch
+                && host == self.host
+                && *port == self.port
+                && method == self.method)
+    }
+}
+
+/// What a request is filed under: ACK under INVITE (§17.2.3).
+static INVITE: Method = Method::Invite;
 
 /// The RFC 2543 matching fields (§17.2.3). For an ACK, the To tag is the one of the response
 /// sent, so that key is filed only once the final response is known.
@@ -873,7 +945,7 @@ impl ServerKey {
         let method = request.method().clone();
         match via.rfc3261_branch() {
             Some(branch) => ServerKey::Branch {
-                branch: branch.into(),
+                branch: Arc::from(branch),
                 host: host_key(&via.host),
                 port: via.port,
                 method: if method == Method::Ack {
@@ -940,10 +1012,39 @@ impl LegacyKey {
 
 /// The key of a client transaction (§17.1.3): the branch we put in the top Via, and the method
 /// (a CANCEL shares its INVITE's branch).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct ClientKey {
-    branch: Box<str>,
+    branch: Arc<str>,
     method: Method,
+}
+
+/// A [`ClientKey`] made of borrowed parts, to look one up without building it.
+struct ClientKeyRef<'a> {
+    branch: &'a str,
+    method: &'a Method,
+}
+
+impl Hash for ClientKeyRef<'_> {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.branch.hash(h);
+        self.method.hash(h);
+    }
+}
+
+impl Hash for ClientKey {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        ClientKeyRef {
+            branch: &self.branch,
+            method: &self.method,
+        }
+        .hash(h);
+    }
+}
+
+impl hashbrown::Equivalent<ClientKey> for ClientKeyRef<'_> {
+    fn equivalent(&self, key: &ClientKey) -> bool {
+        *key.branch == *self.branch && key.method == *self.method
+    }
 }
 
 #[derive(Debug)]
@@ -978,9 +1079,9 @@ pub struct Transactions<D> {
     config: TimerConfig,
     next_id: u64,
     clients: IdMap<ClientId, ClientEntry<D>>,
-    client_keys: HashMap<ClientKey, ClientId>,
+    client_keys: WireMap<ClientKey, ClientId>,
     servers: IdMap<ServerId, ServerEntry<D>>,
-    server_keys: HashMap<ServerKey, ServerId>,
+    server_keys: WireMap<ServerKey, ServerId>,
     timers: BinaryHeap<Reverse<(Instant, TransactionId)>>,
     transmits: VecDeque<(D, Bytes)>,
     events: VecDeque<Event>,
@@ -1005,9 +1106,9 @@ impl<D: Clone + Eq + Hash> Transactions<D> {
             config,
             next_id: 0,
             clients: IdMap::default(),
-            client_keys: HashMap::new(),
+            client_keys: WireMap::default(),
             servers: IdMap::default(),
-            server_keys: HashMap::new(),
+            server_keys: WireMap::default(),
             timers: BinaryHeap::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -1081,7 +1182,7 @@ impl<D: Clone + Eq + Hash> Transactions<D> {
         }
         let branch = request.branch().ok_or(TransactionError::NoBranch)?;
         let key = ClientKey {
-            branch: branch.into(),
+            branch: Arc::from(branch),
             method: request.method().clone(),
         };
         if self.client_keys.contains_key(&key) {
@@ -1132,9 +1233,9 @@ impl<D: Clone + Eq + Hash> Transactions<D> {
             .then(|| response.top_via().branch())
             .flatten()
             .and_then(|branch| {
-                self.client_keys.get(&ClientKey {
-                    branch: branch.into(),
-                    method: response.cseq().method.clone(),
+                self.client_keys.get(&ClientKeyRef {
+                    branch,
+                    method: &response.cseq().method,
                 })
             })
         else {
@@ -1168,8 +1269,7 @@ impl<D: Clone + Eq + Hash> Transactions<D> {
             return RequestDisposition::Absorbed;
         }
         let ack = *request.method() == Method::Ack;
-        let key = ServerKey::of(request);
-        if let Some(&id) = self.server_keys.get(&key)
+        if let Some(id) = self.find_server(request, None)
             && let Some(entry) = self.servers.get_mut(&id)
         {
             let absorbed = entry.tx.handle_request(now, request);
@@ -1190,6 +1290,7 @@ impl<D: Clone + Eq + Hash> Transactions<D> {
         }
         let id = ServerId(self.next_id());
         let tx = ServerTransaction::new(now, request, reliable, self.config.clone());
+        let key = ServerKey::of(request);
         self.server_keys.insert(key.clone(), id);
         self.index(&dest, id.into());
         self.servers.insert(
@@ -1211,11 +1312,41 @@ impl<D: Clone + Eq + Hash> Transactions<D> {
         if !cancel.is_request() {
             return None;
         }
-        let key = ServerKey::of(cancel).with_method(Method::Invite);
-        self.server_keys
-            .get(&key)
-            .copied()
+        self.find_server(cancel, Some(&INVITE))
             .filter(|id| self.servers.get(id).is_some_and(|e| e.tx.is_invite()))
+    }
+
+    /// The server transaction `request` matches, its method taken as `method` if given.
+    fn find_server(&self, request: &Message, method: Option<&Method>) -> Option<ServerId> {
+        let via = request.top_via();
+        let lower_case = match &via.host {
+            Host::Name(n) => !n.bytes().any(|b| b.is_ascii_uppercase()),
+            _ => true,
+        };
+        match via.rfc3261_branch() {
+            // The common case: the key's parts as they are in the message.
+            Some(branch) if lower_case => {
+                let method = method.unwrap_or(match request.method() {
+                    Method::Ack => &INVITE,
+                    m => m,
+                });
+                self.server_keys.get(&BranchKeyRef {
+                    branch,
+                    host: &via.host,
+                    port: via.port,
+                    method,
+                })
+            }
+            _ => {
+                let key = ServerKey::of(request);
+                let key = match method {
+                    Some(m) => key.with_method(m.clone()),
+                    None => key,
+                };
+                self.server_keys.get(&key)
+            }
+        }
+        .copied()
     }
 
     /// Sends the TU's response through server transaction `id` (see

@@ -120,6 +120,34 @@ impl V4Text {
     }
 }
 
+/// Appends `host:port` for a socket address (IPv6 in brackets), IPv4 without `core::fmt`.
+pub fn push_host_port(out: &mut String, addr: std::net::SocketAddr) {
+    match addr.ip() {
+        IpAddr::V4(a) => out.push_str(V4Text::new(a).as_str()),
+        IpAddr::V6(a) => {
+            use std::fmt::Write;
+            let _ = write!(out, "[{a}]");
+        }
+    }
+    out.push(':');
+    push_decimal(out, addr.port().into());
+}
+
+/// Appends `n` in decimal, without `core::fmt`.
+pub fn push_decimal(out: &mut String, mut n: u32) {
+    let mut digits = [0u8; 10];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.push_str(std::str::from_utf8(&digits[at..]).expect("digits"));
+}
+
 /// A `sip:` or `sips:` URI (RFC 3261 §19.1).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SipUri {
@@ -536,7 +564,7 @@ mod tests {
     }
 
     #[test]
-    fn ipv4_text_is_what_the_standard_library_writes() {
+    fn address_text_is_what_the_standard_library_writes() {
         let mut rng = 0x2545_f491_4f6c_dd1du64;
         let mut samples = vec![
             0,
@@ -556,6 +584,20 @@ mod tests {
             let a = std::net::Ipv4Addr::from(n);
             assert_eq!(V4Text::new(a).as_str(), a.to_string());
             assert_eq!(Host::V4(a).to_string(), a.to_string());
+            let port = (n >> 16) as u16;
+            for addr in [
+                std::net::SocketAddr::from((a, port)),
+                std::net::SocketAddr::from((a.to_ipv6_mapped(), port)),
+            ] {
+                let mut text = String::from("x");
+                push_host_port(&mut text, addr);
+                assert_eq!(text, format!("x{addr}"));
+            }
+        }
+        for n in [0, 9, 10, 99, 100, 65535, u32::MAX] {
+            let mut text = String::new();
+            push_decimal(&mut text, n);
+            assert_eq!(text, n.to_string());
         }
     }
 
