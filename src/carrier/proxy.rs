@@ -276,8 +276,9 @@ enum Role {
     Relay { server: ServerId },
     /// A CANCEL the proxy sent: its answer matters to no one.
     Cancel,
-    /// A branch still alive after its call's caller got the final answer.
-    Settled(Settled),
+    /// A branch still alive after its call's caller got the final answer (boxed: the
+    /// other roles are small, and a table of them holds every lingering branch).
+    Settled(Box<Settled>),
 }
 
 /// What is left of a call for a branch that outlives it: the call itself is forgotten, but a
@@ -609,7 +610,7 @@ impl Proxy {
         match role {
             Role::Cancel => {}
             Role::Relay { server } => relay_in_dialog(now, tx, server, event),
-            Role::Settled(settled) => self.on_settled_event(now, tx, id, event, settled),
+            Role::Settled(settled) => self.on_settled_event(now, tx, id, event, *settled),
             Role::Branch { call, branch } => {
                 if let Some(c) = self.calls.get_mut(&call) {
                     let span = c.span.clone();
@@ -670,10 +671,10 @@ impl Proxy {
             ClientEvent::Provisional(_) if settled.cancel_pending => {
                 self.clients.insert(
                     id,
-                    Role::Settled(Settled {
+                    Role::Settled(Box::new(Settled {
                         cancel_pending: false,
                         ..settled
-                    }),
+                    })),
                 );
                 send_cancel(&mut self.clients, now, tx, id);
             }
@@ -907,7 +908,7 @@ impl Proxy {
                 untrusted: untrusted_branch(&call, branch),
                 cancel_pending: call.cancel_pending.contains(&branch),
             };
-            self.clients.insert(cid, Role::Settled(settled));
+            self.clients.insert(cid, Role::Settled(Box::new(settled)));
         }
     }
 

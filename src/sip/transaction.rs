@@ -1078,9 +1078,11 @@ struct ServerEntry<D> {
 pub struct Transactions<D> {
     config: TimerConfig,
     next_id: u64,
-    clients: IdMap<ClientId, ClientEntry<D>>,
+    /// Boxed: a table of 10 000s of lingering transactions then moves 16-byte slots when it
+    /// grows, not 400-byte entries (and holds no room for entries in its empty slots).
+    clients: IdMap<ClientId, Box<ClientEntry<D>>>,
     client_keys: WireMap<ClientKey, ClientId>,
-    servers: IdMap<ServerId, ServerEntry<D>>,
+    servers: IdMap<ServerId, Box<ServerEntry<D>>>,
     server_keys: WireMap<ServerKey, ServerId>,
     timers: BinaryHeap<Reverse<(Instant, TransactionId)>>,
     transmits: VecDeque<(D, Bytes)>,
@@ -1194,12 +1196,12 @@ impl<D: Clone + Eq + Hash> Transactions<D> {
         self.index(&dest, id.into());
         self.clients.insert(
             id,
-            ClientEntry {
+            Box::new(ClientEntry {
                 tx,
                 dest,
                 key,
                 scheduled: None,
-            },
+            }),
         );
         self.sync_client(id);
         Ok(id)
@@ -1295,12 +1297,12 @@ impl<D: Clone + Eq + Hash> Transactions<D> {
         self.index(&dest, id.into());
         self.servers.insert(
             id,
-            ServerEntry {
+            Box::new(ServerEntry {
                 tx,
                 dest,
                 keys: vec![key],
                 scheduled: None,
-            },
+            }),
         );
         self.sync_server(id);
         RequestDisposition::New(id)
