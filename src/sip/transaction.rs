@@ -1060,8 +1060,10 @@ struct ClientEntry<D> {
 struct ServerEntry<D> {
     tx: ServerTransaction,
     dest: D,
-    /// The request's key, and for RFC 2543 INVITEs the ACK key once a failure was sent.
-    keys: Vec<ServerKey>,
+    /// The request's key.
+    key: ServerKey,
+    /// For an RFC 2543 INVITE, the key its ACK comes under once a failure was sent.
+    ack_key: Option<ServerKey>,
     scheduled: Option<Instant>,
 }
 
@@ -1300,7 +1302,8 @@ impl<D: Clone + Eq + Hash> Transactions<D> {
             Box::new(ServerEntry {
                 tx,
                 dest,
-                keys: vec![key],
+                key,
+                ack_key: None,
                 scheduled: None,
             }),
         );
@@ -1364,11 +1367,12 @@ impl<D: Clone + Eq + Hash> Transactions<D> {
         // An RFC 2543 ACK carries the To tag of the failure it acknowledges: file that key now.
         if entry.tx.state() == ServerState::Completed
             && entry.tx.is_invite()
-            && let Some(ack_key) = entry.keys.first().and_then(|k| k.legacy_ack(&response))
+            && entry.ack_key.is_none()
+            && let Some(ack_key) = entry.key.legacy_ack(&response)
             && !self.server_keys.contains_key(&ack_key)
         {
             self.server_keys.insert(ack_key.clone(), id);
-            entry.keys.push(ack_key);
+            entry.ack_key = Some(ack_key);
         }
         self.sync_server(id);
         Ok(())
@@ -1550,7 +1554,7 @@ impl<D: Clone + Eq + Hash> Transactions<D> {
         if entry.tx.is_terminated() {
             if let Some(entry) = self.servers.remove(&id) {
                 self.unindex(&entry.dest, id.into());
-                for key in entry.keys {
+                for key in std::iter::once(entry.key).chain(entry.ack_key) {
                     if self.server_keys.get(&key) == Some(&id) {
                         self.server_keys.remove(&key);
                     }
