@@ -313,7 +313,7 @@ struct Call {
     started_at_ms: i64,
     delivery: Delivery<BranchTarget>,
     branches: IdMap<BranchId, ClientId>,
-    /// Each branch's final response (for a later `Respond { from }`).
+    /// The finals not passed on when they came (for a later `Respond { from }`).
     finals: IdMap<BranchId, Message>,
     /// Branches to cancel once they send a provisional (RFC 3261 §9.1).
     cancel_pending: foldhash::HashSet<BranchId>,
@@ -604,14 +604,15 @@ impl Proxy {
         id: ClientId,
         event: ClientEvent,
     ) -> bool {
-        let Some(role) = self.clients.get(&id).cloned() else {
-            return false;
-        };
-        match role {
-            Role::Cancel => {}
-            Role::Relay { server } => relay_in_dialog(now, tx, server, event),
-            Role::Settled(settled) => self.on_settled_event(now, tx, id, event, *settled),
-            Role::Branch { call, branch } => {
+        match self.clients.get(&id) {
+            None => return false,
+            Some(Role::Cancel) => {}
+            Some(&Role::Relay { server }) => relay_in_dialog(now, tx, server, event),
+            Some(Role::Settled(settled)) => {
+                let settled = **settled;
+                self.on_settled_event(now, tx, id, event, settled);
+            }
+            Some(&Role::Branch { call, branch }) => {
                 if let Some(c) = self.calls.get_mut(&call) {
                     let span = c.span.clone();
                     let _g = span.enter();
@@ -1603,6 +1604,111 @@ mod tests {
              Call-ID: c1\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n"
         );
         Message::parse(Bytes::from(text)).unwrap()
+    }
+
+    /// A failure kept from an earlier branch (not passed on in its drive) is what the
+    /// caller gets when a later drive (here the delivery timer of the next branch) ends the call.
+    #[test]
+    fn a_kept_failure_answers_the_caller_from_a_later_drive() {
+        use crate::carrier::bindings::{Binding, BindingFlow};
+        use crate::carrier::delivery_rule::FailoverPlan;
+        use crate::sip::transaction::{RequestDisposition, TimerConfig};
+        let t0 = Instant::now();
+        let mut tx: Transactions<Flow> = Transactions::new(TimerConfig::default());
+        let mut proxy = Proxy::new(ProxyConfig::default(), HmacKey::new(&[7; 32]), bound());
+        let caller = Flow {
+            transport: Transport::Udp,
+            local: "127.0.0.10:5060".parse().unwrap(),
+            remote: "127.0.0.2:5060".parse().unwrap(),
+            conn: None,
+        };
+        let invite = invite_with("Max-Forwards: 70\r\nContact: <sip:a@127.0.0.2>\r\n");
+        let RequestDisposition::New(server) = tx.handle_request(t0, &invite, caller, false) else {
+            panic!("new")
+        };
+        let contact = |n: u8| {
+            let text = format!("sip:pbx@127.0.0.{n}:5060");
+            let Ok(Uri::Sip(uri)) = Uri::parse(&ByteString::from(text.clone())) else {
+                panic!()
+            };
+            Contact {
+                uri,
+                binding: Binding {
+                    trunk_group: 5,
+                    contact: text,
+                    contact_params: String::new(),
+                    q: None,
+                    expires_at_ms: i64::MAX,
+                    call_id: "r".into(),
+                    cseq: 1,
+                    flow: BindingFlow {
+                        transport: Transport::Udp,
+                        remote: SocketAddr::from(([127, 0, 0, n], 5060)),
+                        local: "127.0.0.10:5060".parse().unwrap(),
+                    },
+                    user_agent: None,
+                    registered_at_ms: 0,
+                },
+                conn: None,
+            }
+        };
+        proxy.start_call(
+            t0,
+            &mut tx,
+            NewCall {
+                server,
+                request: &invite,
+                flow: caller,
+                did: "+15550001111",
+                trunk_group: 5,
+                contacts: vec![contact(31), contact(32)],
+                failover: FailoverPlan::default(),
+                failover_contacts: Vec::new(),
+            },
+        );
+        let sent = |tx: &mut Transactions<Flow>| {
+            std::iter::from_fn(|| tx.poll_transmit())
+                .map(|(f, b)| (f.remote, Message::parse(b).unwrap()))
+                .collect::<Vec<_>>()
+        };
+        let out = sent(&mut tx);
+        let to_b0 = SocketAddr::from(([127, 0, 0, 31], 5060));
+        let (_, branch0) = out
+            .iter()
+            .find(|(r, m)| *r == to_b0 && m.is_request())
+            .expect("INVITE to the first binding");
+        let mut answer = branch0.response(503, "Service Unavailable", Some("b0"));
+        answer.push_header(Header::new(
+            HeaderName::parse(&ByteString::from("X-Marker")),
+            "from-branch-0",
+        ));
+        let answer = Message::parse(answer.to_bytes()).unwrap();
+        let (cid, event) = tx
+            .handle_response(t0 + std::time::Duration::from_millis(10), answer)
+            .unwrap();
+        assert!(proxy.on_client_event(t0, &mut tx, cid, event.unwrap()));
+        let out = sent(&mut tx);
+        assert!(
+            out.iter()
+                .all(|(r, m)| *r != caller.remote || m.status() == Some(100)),
+            "no final to the caller yet: {out:?}"
+        );
+        assert!(out.iter().any(|(r, m)| r.port() == 5060
+            && *r == SocketAddr::from(([127, 0, 0, 32], 5060))
+            && m.is_request()));
+        // The second binding never answers: its delivery timer ends the call in a later drive.
+        let at = proxy.poll_timeout().expect("delivery timer");
+        proxy.handle_timeout(at, &mut tx);
+        let out = sent(&mut tx);
+        let finals: Vec<_> = out
+            .iter()
+            .filter(|(r, m)| *r == caller.remote && m.status().is_some_and(|s| s >= 200))
+            .map(|(_, m)| m.clone())
+            .collect();
+        assert_eq!(finals.len(), 1, "{out:?}");
+        assert_eq!(finals[0].status(), Some(500));
+        let text = String::from_utf8(finals[0].to_bytes().to_vec()).unwrap();
+        assert!(text.contains("X-Marker: from-branch-0"), "{text}");
     }
 
     #[test]

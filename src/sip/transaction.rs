@@ -55,8 +55,8 @@ use super::uri::{Host, Uri};
 type WireMap<K, V> = hashbrown::HashMap<K, V, RandomState>;
 
 /// Pops the next item of a transaction's output queue. A transaction that kept no request
-/// only lingers for its timers: its emptied queue gives its buffer back rather than holding
-/// it for the 32 s a lingering transaction may live.
+/// mostly lingers for its timers (in Accepted a 2xx may still pass through): its emptied queue
+/// gives its buffer back rather than holding it for the 32 s a lingering transaction may live.
 fn pop_output<T>(queue: &mut VecDeque<T>, lingering: bool) -> Option<T> {
     let next = queue.pop_front();
     if lingering && queue.is_empty() && queue.capacity() > 0 {
@@ -2083,5 +2083,89 @@ Content-Length: 0\r\n\r\n";
             .unwrap();
         tx.handle_timeout(t0);
         assert_eq!(tx.state(), ServerState::Completed);
+    }
+}
+
+#[cfg(test)]
+mod lookup_equivalence {
+    use super::*;
+    use std::hash::BuildHasher;
+
+    fn req(method: &str, host: &str, port: &str, branch: &str) -> Message {
+        let text = format!(
+            "{method} sip:x@203.0.113.10 SIP/2.0\r\nVia: SIP/2.0/UDP {host}{port};branch={branch}\r\n\
+             Max-Forwards: 70\r\nFrom: <sip:a@b.example>;tag=f\r\nTo: <sip:x@y.example>\r\n\
+             Call-ID: c1\r\nCSeq: 1 {method}\r\nContent-Length: 0\r\n\r\n"
+        );
+        Message::parse(Bytes::from(text)).unwrap()
+    }
+
+    /// `find_server` (fast path and fallback) finds what a lookup by the owned key finds.
+    #[test]
+    fn find_server_matches_the_owned_key_lookup() {
+        let hosts = [
+            "pbx.example.com",
+            "PBX.Example.com",
+            "PBX.EXAMPLE.COM",
+            "198.51.100.7",
+            "[2001:db8::1]",
+            "[2001:DB8::1]",
+            "[::ffff:198.51.100.7]",
+        ];
+        let ports = ["", ":5060", ":5070"];
+        let branches = ["z9hG4bKa1", "z9hG4bKA1", "z9hG4bK", "1234", "z9hg4bka1"];
+        let methods = ["INVITE", "ACK", "CANCEL", "OPTIONS", "BYE", "FOO"];
+        let mut all = Vec::new();
+        for h in hosts {
+            for p in ports {
+                for b in branches {
+                    for m in methods {
+                        all.push(req(m, h, p, b));
+                    }
+                }
+            }
+        }
+        let t0 = Instant::now();
+        let mut t: Transactions<u32> = Transactions::new(TimerConfig::default());
+        // File every second request (not ACK) so that both hits and misses are probed.
+        for (i, r) in all.iter().enumerate() {
+            if i % 2 == 0 && *r.method() != Method::Ack {
+                t.handle_request(t0, r, 1, false);
+            }
+        }
+        assert!(t.server_keys.len() > 100);
+        let (mut hits, mut cancel_hits) = (0, 0);
+        for r in &all {
+            let old = t.server_keys.get(&ServerKey::of(r)).copied();
+            assert_eq!(t.find_server(r, None), old, "{r:?}");
+            hits += old.is_some() as usize;
+            let old_cancel = t
+                .server_keys
+                .get(&ServerKey::of(r).with_method(Method::Invite))
+                .copied();
+            assert_eq!(t.find_server(r, Some(&INVITE)), old_cancel, "{r:?}");
+            cancel_hits += old_cancel.is_some() as usize;
+        }
+        assert!(hits > 100 && cancel_hits > 50, "{hits} {cancel_hits}");
+        // Hash agreement of every filed key with its borrowed form.
+        let s = t.server_keys.hasher();
+        for k in t.server_keys.keys() {
+            if let ServerKey::Branch {
+                branch,
+                host,
+                port,
+                method,
+            } = k
+            {
+                let r = BranchKeyRef {
+                    branch,
+                    host,
+                    port: *port,
+                    method,
+                };
+                assert_eq!(s.hash_one(k), s.hash_one(r));
+                assert!(hashbrown::Equivalent::equivalent(&r, k));
+            }
+        }
     }
 }
