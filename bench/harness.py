@@ -55,11 +55,24 @@ def build(quiet=False):
         sys.exit(f"{BIN} was not built")
 
 
+# The Debian package of each tool the benchmarks run.
+PACKAGES = {"sipp": "sip-tester", "tcpdump": "tcpdump"}
+
+
 def need(*tools):
+    """Exits unless every tool is on PATH; as root on Debian, installs the missing packages
+    first (as scripts/test does for the tests), so a fresh machine needs one command."""
     missing = [t for t in tools if not shutil.which(t)]
+    packages = [PACKAGES[t] for t in missing if t in PACKAGES]
+    if packages and os.geteuid() == 0 and shutil.which("apt-get"):
+        print(f"installing {' '.join(packages)}", file=sys.stderr)
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], check=False, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *packages], check=False, env=env)
+        missing = [t for t in tools if not shutil.which(t)]
     if missing:
         sys.exit("the benchmarks need " + ", ".join(missing)
-                 + " (Debian packages: sipp is sip-tester, tcpdump is tcpdump)")
+                 + " (Debian packages: sipp is sip-tester, tcpdump is tcpdump; cargo from rustup)")
 
 
 # === Processes ===
