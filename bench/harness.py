@@ -238,8 +238,11 @@ class Carrier:
         self.log = open(self.log_path, "ab")
         t0 = time.monotonic()
         self.started_wall = time.time()
-        # A profiler in front for experiments, e.g. LIFELINE_BENCH_WRAP='heaptrack -o /tmp/h'
-        # (the CPU figures then count the wrapper's process, not the carrier).
+        # A profiler in front for experiments, e.g. LIFELINE_BENCH_WRAP='valgrind --tool=callgrind'
+        # (the CPU figures then count the wrapper's process, not the carrier). `stop` signals the
+        # wrapper: one that does not pass SIGTERM on (heaptrack's script) leaves the carrier
+        # running, answering the next run on the same address; wrap it in a script that traps
+        # SIGTERM and forwards it.
         wrap = os.environ.get("LIFELINE_BENCH_WRAP", "").split()
         self.proc = spawn(wrap + [BIN, "--config", self.config_path, "--data-dir", self.data],
                           cwd=self.work, stderr=self.log)
