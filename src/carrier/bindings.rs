@@ -43,7 +43,7 @@ use tokio::time::MissedTickBehavior;
 use tracing::{info, warn};
 
 use super::store::{
-    Backend, JoinedScan, MAX_PARAMETERS, TrunkGroupId, chunk_lens, create_private, insert_sqls,
+    Backend, JoinedScan, MAX_PARAMETERS, TrunkGroupId, create_private, insert_sqls, pow2_chunks,
     sql_for, sqlite_options,
 };
 use crate::sip::transport::Transport;
@@ -434,7 +434,7 @@ impl Writer {
 
 /// Upserts per statement: one statement per row costs a round trip to SQLite's worker thread
 /// each, several times the insert itself. A batch is written in as many statements of 64 rows
-/// as fit, then one of each smaller power of two its rest needs ([`chunk_lens`]).
+/// as fit, then one of each smaller power of two its rest needs ([`pow2_chunks`]).
 const UPSERT_CHUNK: usize = 64;
 const _: () = assert!(UPSERT_CHUNK * COLUMNS.len() <= MAX_PARAMETERS);
 
@@ -486,15 +486,12 @@ async fn write_batch(pool: &SqlitePool, batch: &Pending) -> Result<(), sqlx::Err
         }
     }
     let mut tx = pool.begin().await?;
-    let mut rest = &upserts[..];
-    for rows in chunk_lens(upserts.len(), UPSERT_CHUNK) {
-        let (chunk, after) = rest.split_at(rows);
-        let mut query = sqlx::query(sql_for(&UPSERTS, rows));
+    for chunk in pow2_chunks(&upserts, UPSERT_CHUNK) {
+        let mut query = sqlx::query(sql_for(&UPSERTS, chunk.len()));
         for b in chunk {
             query = bind_binding(query, b);
         }
         query.execute(&mut *tx).await?;
-        rest = after;
     }
     for (trunk_group, contact) in removals {
         sqlx::query("DELETE FROM bindings WHERE trunk_group = ? AND contact = ?")
@@ -766,12 +763,19 @@ mod tests {
         store.close().await.unwrap();
     }
 
+    /// An empty store whose writer waits an hour between rounds: only a flush (or the last
+    /// handle going) writes.
+    async fn open_flush_only(dir: &Path) -> BindingStore {
+        BindingStore::open(dir, Duration::from_secs(3600), 0)
+            .await
+            .unwrap()
+            .0
+    }
+
     #[tokio::test]
     async fn batches_of_any_size_are_written_whole() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = BindingStore::open(dir.path(), Duration::from_secs(3600), 0)
-            .await
-            .unwrap();
+        let store = open_flush_only(dir.path()).await;
         let mut all = Vec::new();
         // Sizes that need the 64-row statement, several smaller ones, or one alone.
         for (round, size) in [1, 63, 64, 65, 127, 200].into_iter().enumerate() {
@@ -803,10 +807,7 @@ mod tests {
     #[tokio::test]
     async fn repeated_changes_to_one_key_coalesce_and_the_last_wins() {
         let dir = tempfile::tempdir().unwrap();
-        // A long interval: only the flush writes.
-        let (store, _) = BindingStore::open(dir.path(), Duration::from_secs(3600), 0)
-            .await
-            .unwrap();
+        let store = open_flush_only(dir.path()).await;
         let mut last = binding(1, "sip:pbx@192.0.2.1", 1_000_000);
         for cseq in 1..=1000u32 {
             last.cseq = cseq;
@@ -878,9 +879,7 @@ mod tests {
     #[tokio::test]
     async fn dropping_every_handle_writes_what_is_pending() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = BindingStore::open(dir.path(), Duration::from_secs(3600), 0)
-            .await
-            .unwrap();
+        let store = open_flush_only(dir.path()).await;
         let path = store.path().to_owned();
         let clone = store.clone();
         store.upsert(binding(1, "sip:a@192.0.2.1", 1_000));
@@ -906,9 +905,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn upsert_does_not_wait_for_a_stuck_writer() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = BindingStore::open(dir.path(), Duration::from_secs(3600), 0)
-            .await
-            .unwrap();
+        let store = open_flush_only(dir.path()).await;
         let mut locker = other_connection(store.path()).await;
         sqlx::query("BEGIN IMMEDIATE")
             .execute(&mut locker)
@@ -1014,9 +1011,7 @@ mod tests {
     #[tokio::test]
     async fn a_restored_batch_does_not_override_newer_changes() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = BindingStore::open(dir.path(), Duration::from_secs(3600), 0)
-            .await
-            .unwrap();
+        let store = open_flush_only(dir.path()).await;
         store.upsert(binding(1, "sip:a@192.0.2.1", 1_000));
         store.upsert(binding(1, "sip:b@192.0.2.1", 1_000));
         let batch = std::mem::take(&mut *store.shared.pending());

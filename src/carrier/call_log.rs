@@ -70,7 +70,7 @@ use tracing::{error, info, warn};
 
 use super::call_record::{AttemptRecord, CallRecord};
 use super::store::{
-    MAX_PARAMETERS, TrunkGroupId, chunk_lens, create_private, insert_sqls, sql_for, sqlite_options,
+    MAX_PARAMETERS, TrunkGroupId, create_private, insert_sqls, pow2_chunks, sql_for, sqlite_options,
 };
 
 /// The database file inside the data folder.
@@ -484,7 +484,7 @@ const INSERT_CALLS_HEAD: &str = concat!(
     "INSERT INTO calls (id, call_id, did, trunk_group, server, source, from_peer, ",
     "started_at_ms, duration_ms, status, outcome, answered_by) VALUES "
 );
-/// Rows of the largest `INSERT INTO calls` (a batch takes a few: see [`chunk_lens`]).
+/// Rows of the largest `INSERT INTO calls` (a batch takes a few: see [`pow2_chunks`]).
 const CALL_CHUNK: usize = 256;
 
 const ATTEMPT_COLUMNS: usize = 7;
@@ -524,12 +524,9 @@ async fn write_calls(pool: &SqlitePool, calls: &[Box<CallRecord>]) -> Result<(),
     }
     let first = last + 1;
 
-    let mut rest = calls;
     let mut id = first;
-    for rows in chunk_lens(calls.len(), CALL_CHUNK) {
-        let (chunk, tail) = rest.split_at(rows);
-        rest = tail;
-        let mut query = sqlx::query(sql_for(&INSERT_CALLS, rows));
+    for chunk in pow2_chunks(calls, CALL_CHUNK) {
+        let mut query = sqlx::query(sql_for(&INSERT_CALLS, chunk.len()));
         for call in chunk {
             query = query
                 .bind(id)
@@ -560,11 +557,8 @@ async fn write_calls(pool: &SqlitePool, calls: &[Box<CallRecord>]) -> Result<(),
                 .map(move |(position, a)| (id, i64::try_from(position).unwrap_or(i64::MAX), a))
         })
         .collect();
-    let mut rest = attempts.as_slice();
-    for rows in chunk_lens(attempts.len(), ATTEMPT_CHUNK) {
-        let (chunk, tail) = rest.split_at(rows);
-        rest = tail;
-        let mut query = sqlx::query(sql_for(&INSERT_ATTEMPTS, rows));
+    for chunk in pow2_chunks(&attempts, ATTEMPT_CHUNK) {
+        let mut query = sqlx::query(sql_for(&INSERT_ATTEMPTS, chunk.len()));
         for &(call, position, a) in chunk {
             query = query
                 .bind(call)
@@ -1013,7 +1007,7 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::carrier::store::BUSY_TIMEOUT;
+    use crate::carrier::store::{BUSY_TIMEOUT, chunk_lens};
     use sqlx::sqlite::SqliteConnectOptions;
     use sqlx::{ConnectOptions, Connection, Executor, SqliteConnection};
 

@@ -42,7 +42,7 @@ use crate::sip::digest::HmacKey;
 use crate::sip::message::{Header, HeaderName, Message};
 use crate::sip::transaction::{ClientEvent, ClientId, ClientState, ServerId, Transactions};
 use crate::sip::transport::{ConnId, Flow, ListenSpec, Transport};
-use crate::sip::uri::{Host, SipUri, Uri, V4Text, push_decimal, push_host_port};
+use crate::sip::uri::{Host, SipUri, Uri, push_decimal, push_host_port};
 
 // === Addresses and CIDRs ===
 
@@ -1432,11 +1432,7 @@ pub fn target_key(uri: Option<&Uri>) -> String {
     match uri.and_then(|u| u.as_sip()) {
         Some(u) => {
             let mut key = String::with_capacity(48);
-            match &u.host {
-                Host::Name(n) => key.push_str(n),
-                Host::V4(a) => key.push_str(V4Text::new(*a).as_str()),
-                h @ Host::V6(_) => key.push_str(&h.to_string()),
-            }
+            u.host.push_to(&mut key);
             key.push(':');
             push_decimal(&mut key, u.port.unwrap_or(5060).into());
             key.make_ascii_lowercase();

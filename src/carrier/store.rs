@@ -1037,7 +1037,6 @@ async fn in_savepoint<'q>(
     }
 }
 
-/// `SELECT <every trunk group column> FROM trunk_groups <rest>`.
 /// The columns of [`select_trunk_groups!`], in its order (a test holds the two together).
 const TRUNK_GROUP_COLUMNS: [&str; 11] = [
     "id",
@@ -1053,6 +1052,7 @@ const TRUNK_GROUP_COLUMNS: [&str; 11] = [
     "failover_pbx_trunk_group",
 ];
 
+/// `SELECT <every trunk group column> FROM trunk_groups <rest>`.
 macro_rules! select_trunk_groups {
     ($rest:literal) => {
         concat!(
@@ -1131,6 +1131,16 @@ pub(crate) fn chunk_lens(n: usize, max: usize) -> impl Iterator<Item = usize> {
             .map(|k| 1 << k)
             .filter(move |size| rest & size != 0),
     )
+}
+
+/// `items` cut into the slices [`chunk_lens`] gives, in order.
+pub(crate) fn pow2_chunks<T>(items: &[T], max: usize) -> impl Iterator<Item = &[T]> {
+    let mut rest = items;
+    chunk_lens(items.len(), max).map(move |rows| {
+        let (chunk, tail) = rest.split_at(rows);
+        rest = tail;
+        chunk
+    })
 }
 
 /// The statement for `rows` rows out of `sqls` (built by [`insert_sqls`]).

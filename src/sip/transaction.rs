@@ -840,7 +840,7 @@ pub enum RequestDisposition {
 }
 
 /// The key of a server transaction (§17.2.3).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 enum ServerKey {
     /// RFC 3261: branch, sent-by and method. ACK is filed under INVITE: it matches the INVITE
     /// transaction it acknowledges. Sent-by guards against two clients choosing one branch.
@@ -855,7 +855,9 @@ enum ServerKey {
     Legacy(Box<LegacyKey>),
 }
 
-/// A [`ServerKey::Branch`] made of borrowed parts, to look one up without building it.
+/// The parts of a [`ServerKey::Branch`], borrowed: a request is looked up by them without
+/// building a key, and a filed key hashes and compares through them. Sent-by host names
+/// compare case-insensitively (§19.1.4), so both hash them case-folded.
 #[derive(Clone, Copy)]
 struct BranchKeyRef<'a> {
     branch: &'a str,
@@ -864,48 +866,95 @@ struct BranchKeyRef<'a> {
     method: &'a Method,
 }
 
+impl<'a> BranchKeyRef<'a> {
+    /// What `request` is filed under, its method taken as `method` if given (else ACK as
+    /// INVITE); `None` without an RFC 3261 branch.
+    fn of(request: &'a Message, method: Option<&'a Method>) -> Option<BranchKeyRef<'a>> {
+        let via = request.top_via();
+        Some(BranchKeyRef {
+            branch: via.rfc3261_branch()?,
+            host: &via.host,
+            port: via.port,
+            method: method.unwrap_or(match request.method() {
+                Method::Ack => &INVITE,
+                m => m,
+            }),
+        })
+    }
+}
+
 impl Hash for BranchKeyRef<'_> {
     fn hash<H: Hasher>(&self, h: &mut H) {
         h.write_u8(0);
         self.branch.hash(h);
-        self.host.hash(h);
+        hash_host_folded(self.host, h);
         self.port.hash(h);
         self.method.hash(h);
     }
 }
 
-impl Hash for ServerKey {
-    fn hash<H: Hasher>(&self, h: &mut H) {
-        match self {
-            ServerKey::Branch {
-                branch,
-                host,
-                port,
-                method,
-            } => BranchKeyRef {
-                branch,
-                host,
-                port: *port,
-                method,
+/// Hashes a host as [`Host::matches`] compares it: a name case-folded, in fixed-size pieces
+/// (names equal but for case have equal lengths, so they hash alike).
+fn hash_host_folded<H: Hasher>(host: &Host, h: &mut H) {
+    match host {
+        Host::Name(name) => {
+            h.write_u8(0);
+            let mut buf = [0u8; 64];
+            for piece in name.as_bytes().chunks(buf.len()) {
+                let folded = &mut buf[..piece.len()];
+                folded.copy_from_slice(piece);
+                folded.make_ascii_lowercase();
+                h.write(folded);
             }
-            .hash(h),
-            ServerKey::Legacy(k) => {
-                h.write_u8(1);
-                k.hash(h);
-            }
+            h.write_u8(0xff);
+        }
+        Host::V4(a) => {
+            h.write_u8(1);
+            h.write(&a.octets());
+        }
+        Host::V6(a) => {
+            h.write_u8(2);
+            h.write(&a.octets());
         }
     }
 }
 
 impl hashbrown::Equivalent<ServerKey> for BranchKeyRef<'_> {
     fn equivalent(&self, key: &ServerKey) -> bool {
-        matches!(key, ServerKey::Branch { branch, host, port, method }
-            if **branch == *self.branch
-                && host == self.host
-                && *port == self.port
-                && method == self.method)
+        key.branch_ref().is_some_and(|k| {
+            k.branch == self.branch
+                && k.host.matches(self.host)
+                && k.port == self.port
+                && k.method == self.method
+        })
     }
 }
+
+impl Hash for ServerKey {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        match (self.branch_ref(), self) {
+            (Some(parts), _) => parts.hash(h),
+            (None, ServerKey::Legacy(k)) => {
+                h.write_u8(1);
+                k.hash(h);
+            }
+            (None, ServerKey::Branch { .. }) => {} // branch_ref has the parts of every one
+        }
+    }
+}
+
+impl PartialEq for ServerKey {
+    fn eq(&self, other: &ServerKey) -> bool {
+        match (self, other) {
+            (ServerKey::Legacy(a), ServerKey::Legacy(b)) => a == b,
+            _ => self
+                .branch_ref()
+                .is_some_and(|parts| hashbrown::Equivalent::equivalent(&parts, other)),
+        }
+    }
+}
+
+impl Eq for ServerKey {}
 
 /// What a request is filed under: ACK under INVITE (§17.2.3).
 static INVITE: Method = Method::Invite;
@@ -928,7 +977,7 @@ struct LegacyKey {
     method: Method,
 }
 
-/// Host names compare case-insensitively (§19.1.4): keys hold them in lower case.
+/// Host names compare case-insensitively (§19.1.4): RFC 2543 keys hold them in lower case.
 fn host_key(host: &Host) -> Host {
     match host {
         Host::Name(n) if n.bytes().any(|b| b.is_ascii_uppercase()) => {
@@ -939,39 +988,38 @@ fn host_key(host: &Host) -> Host {
 }
 
 impl ServerKey {
-    /// The key `request` is looked up under.
-    fn of(request: &Message) -> ServerKey {
-        let via = request.top_via();
-        let method = request.method().clone();
-        match via.rfc3261_branch() {
-            Some(branch) => ServerKey::Branch {
-                branch: Arc::from(branch),
-                host: host_key(&via.host),
-                port: via.port,
-                method: if method == Method::Ack {
-                    Method::Invite
-                } else {
-                    method
-                },
+    /// The key `request` is filed under, its method taken as `method` if given.
+    fn of(request: &Message, method: Option<&Method>) -> ServerKey {
+        match BranchKeyRef::of(request, method) {
+            Some(parts) => ServerKey::Branch {
+                branch: Arc::from(parts.branch),
+                host: parts.host.clone(),
+                port: parts.port,
+                method: parts.method.clone(),
             },
-            None => ServerKey::Legacy(Box::new(LegacyKey::of(request, via, method))),
+            None => ServerKey::Legacy(Box::new(LegacyKey::of(
+                request,
+                request.top_via(),
+                method.unwrap_or(request.method()).clone(),
+            ))),
         }
     }
 
-    fn with_method(self, method: Method) -> ServerKey {
+    /// The parts of an RFC 3261 key.
+    fn branch_ref(&self) -> Option<BranchKeyRef<'_>> {
         match self {
             ServerKey::Branch {
-                branch, host, port, ..
-            } => ServerKey::Branch {
                 branch,
                 host,
                 port,
                 method,
-            },
-            ServerKey::Legacy(mut k) => {
-                k.method = method;
-                ServerKey::Legacy(k)
-            }
+            } => Some(BranchKeyRef {
+                branch,
+                host,
+                port: *port,
+                method,
+            }),
+            ServerKey::Legacy(_) => None,
         }
     }
 
@@ -1294,7 +1342,7 @@ impl<D: Clone + Eq + Hash> Transactions<D> {
         }
         let id = ServerId(self.next_id());
         let tx = ServerTransaction::new(now, request, reliable, self.config.clone());
-        let key = ServerKey::of(request);
+        let key = ServerKey::of(request, None);
         self.server_keys.insert(key.clone(), id);
         self.index(&dest, id.into());
         self.servers.insert(
@@ -1323,33 +1371,10 @@ impl<D: Clone + Eq + Hash> Transactions<D> {
 
     /// The server transaction `request` matches, its method taken as `method` if given.
     fn find_server(&self, request: &Message, method: Option<&Method>) -> Option<ServerId> {
-        let via = request.top_via();
-        let lower_case = match &via.host {
-            Host::Name(n) => !n.bytes().any(|b| b.is_ascii_uppercase()),
-            _ => true,
-        };
-        match via.rfc3261_branch() {
-            // The common case: the key's parts as they are in the message.
-            Some(branch) if lower_case => {
-                let method = method.unwrap_or(match request.method() {
-                    Method::Ack => &INVITE,
-                    m => m,
-                });
-                self.server_keys.get(&BranchKeyRef {
-                    branch,
-                    host: &via.host,
-                    port: via.port,
-                    method,
-                })
-            }
-            _ => {
-                let key = ServerKey::of(request);
-                let key = match method {
-                    Some(m) => key.with_method(m.clone()),
-                    None => key,
-                };
-                self.server_keys.get(&key)
-            }
+        match BranchKeyRef::of(request, method) {
+            // RFC 3261: looked up by the message's own parts, nothing built.
+            Some(parts) => self.server_keys.get(&parts),
+            None => self.server_keys.get(&ServerKey::of(request, method)),
         }
         .copied()
     }
@@ -2136,13 +2161,10 @@ mod lookup_equivalence {
         assert!(t.server_keys.len() > 100);
         let (mut hits, mut cancel_hits) = (0, 0);
         for r in &all {
-            let old = t.server_keys.get(&ServerKey::of(r)).copied();
+            let old = t.server_keys.get(&ServerKey::of(r, None)).copied();
             assert_eq!(t.find_server(r, None), old, "{r:?}");
             hits += old.is_some() as usize;
-            let old_cancel = t
-                .server_keys
-                .get(&ServerKey::of(r).with_method(Method::Invite))
-                .copied();
+            let old_cancel = t.server_keys.get(&ServerKey::of(r, Some(&INVITE))).copied();
             assert_eq!(t.find_server(r, Some(&INVITE)), old_cancel, "{r:?}");
             cancel_hits += old_cancel.is_some() as usize;
         }

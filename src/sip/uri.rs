@@ -53,6 +53,19 @@ impl Host {
         }
     }
 
+    /// Appends the host as written in a URI or a Via (IPv6 in brackets), IPv4 without
+    /// `core::fmt`.
+    pub fn push_to(&self, out: &mut String) {
+        match self {
+            Host::Name(n) => out.push_str(n),
+            Host::V4(a) => out.push_str(V4Text::new(*a).as_str()),
+            Host::V6(a) => {
+                use std::fmt::Write;
+                let _ = write!(out, "[{a}]");
+            }
+        }
+    }
+
     /// Host names compare case-insensitively, addresses by value.
     pub fn matches(&self, other: &Host) -> bool {
         match (self, other) {
@@ -122,13 +135,7 @@ impl V4Text {
 
 /// Appends `host:port` for a socket address (IPv6 in brackets), IPv4 without `core::fmt`.
 pub fn push_host_port(out: &mut String, addr: std::net::SocketAddr) {
-    match addr.ip() {
-        IpAddr::V4(a) => out.push_str(V4Text::new(a).as_str()),
-        IpAddr::V6(a) => {
-            use std::fmt::Write;
-            let _ = write!(out, "[{a}]");
-        }
-    }
+    Host::from(addr.ip()).push_to(out);
     out.push(':');
     push_decimal(out, addr.port().into());
 }
